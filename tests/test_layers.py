@@ -1,0 +1,255 @@
+"""Cells, the sequence layer and attention, against Keras' own layers and hand-computed values."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from translator import layers
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(4, 7, 5)).astype("float32")
+MASK = np.ones((4, 7), bool)
+MASK[1, 4:] = False  # padded sentence
+MASK[2, 1:] = False  # one-token sentence
+
+CASES = {
+    "lstm": (lambda: keras.layers.LSTMCell(6), lambda: layers.LSTMCell(6)),
+    "gru": (lambda: keras.layers.GRUCell(6), lambda: layers.GRUCell(6)),
+    "gru_reset_before": (
+        lambda: keras.layers.GRUCell(6, reset_after=False),
+        lambda: layers.GRUCell(6, reset_after=False),
+    ),
+}
+
+
+def paired_cells(kind):
+    """A Keras cell and ours, built, with the same random (non-trivial) weights."""
+    make_keras, make_ours = CASES[kind]
+    theirs, ours = make_keras(), make_ours()
+    theirs.build((None, X.shape[-1]))
+    ours.build((None, X.shape[-1]))
+    weights = [w + RNG.normal(size=w.shape).astype("float32") * 0.3 for w in theirs.get_weights()]
+    theirs.set_weights(weights)
+    ours.set_weights(weights)
+    return theirs, ours
+
+
+def assert_close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_cell_weights_have_keras_names_and_shapes(kind):
+    theirs, ours = paired_cells(kind)
+    assert [w.shape for w in ours.weights] == [w.shape for w in theirs.weights]
+    assert [w.path.split("/")[-1] for w in ours.weights] == ["kernel", "recurrent_kernel", "bias"]
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_cell_in_keras_rnn_matches_keras_cell_with_mask(kind):
+    theirs, ours = paired_cells(kind)
+    a = keras.layers.RNN(theirs, return_sequences=True, return_state=True)(X, mask=MASK)
+    b = keras.layers.RNN(ours, return_sequences=True, return_state=True)(X, mask=MASK)
+    for p, q in zip(a, b, strict=True):
+        assert_close(p, q)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_cell_gradients_match_keras(kind):
+    theirs, ours = paired_cells(kind)
+    x = tf.constant(X)
+
+    def grads(cell):
+        rnn = keras.layers.RNN(cell, return_sequences=True)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(rnn(x, mask=MASK) ** 2)
+        return tape.gradient(loss, [x, *cell.trainable_variables])
+
+    for p, q in zip(grads(theirs), grads(ours), strict=True):
+        assert_close(p, q, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_recurrent_layer_matches_keras_rnn(kind, go_backwards):
+    theirs, ours = paired_cells(kind)
+    ref = keras.layers.RNN(
+        theirs, return_sequences=True, return_state=True, go_backwards=go_backwards
+    )(X, mask=MASK)
+    out = layers.Recurrent(ours, return_state=True, go_backwards=go_backwards)(X, mask=MASK)
+    ref_outputs = np.asarray(ref[0])
+    if go_backwards:  # Keras returns reversed outputs; ours come back in input order.
+        ref_outputs = ref_outputs[:, ::-1]
+    # Keras carries the last output through padding; ours outputs zeros there (masked anyway).
+    assert_close(ref_outputs * MASK[..., None], np.asarray(out[0]) * MASK[..., None])
+    assert_close(np.asarray(out[0])[~MASK], 0.0)
+    for p, q in zip(ref[1:], out[1:], strict=True):
+        assert_close(p, q)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_recurrent_layer_gradients_match_keras_rnn(kind):
+    theirs, ours = paired_cells(kind)
+    x = tf.constant(X)
+
+    def grads(layer, cell):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, mask=MASK)
+            loss = tf.reduce_sum((out * MASK[..., None]) ** 2)
+        return tape.gradient(loss, [x, *cell.trainable_variables])
+
+    ref = grads(keras.layers.RNN(theirs, return_sequences=True), theirs)
+    for p, q in zip(ref, grads(layers.Recurrent(ours), ours), strict=True):
+        assert_close(p, q, atol=2e-5)
+
+
+def test_recurrent_layer_initial_state_and_last_output():
+    theirs, ours = paired_cells("lstm")
+    init = [RNG.normal(size=(4, 6)).astype("float32") for _ in range(2)]
+    ref = keras.layers.RNN(theirs)(X, initial_state=init)
+    out = layers.Recurrent(ours, return_sequences=False)(X, initial_state=init)
+    assert_close(ref, out)
+
+
+def test_cells_inside_keras_bidirectional_match_keras_lstm():
+    theirs, ours = paired_cells("lstm")
+    ref_layer = keras.layers.Bidirectional(keras.layers.RNN(theirs, return_sequences=True))
+    our_layer = keras.layers.Bidirectional(keras.layers.RNN(ours, return_sequences=True))
+    ref_layer(X)
+    our_layer(X)
+    our_layer.set_weights(ref_layer.get_weights())
+    assert isinstance(our_layer.backward_layer.cell, layers.LSTMCell)
+    assert_close(ref_layer(X, mask=MASK), our_layer(X, mask=MASK))
+
+
+def test_lstm_golden_values():
+    # All-ones weights, x = (1, 1, 1), h = c = 0: every gate pre-activation is 3 + 1 = 4, so
+    # c = sigmoid(4) * tanh(4) and h = sigmoid(4) * tanh(c).
+    cell = layers.LSTMCell(
+        2,
+        kernel_initializer="ones",
+        recurrent_initializer="ones",
+        bias_initializer="ones",
+        unit_forget_bias=False,
+    )
+    zeros = np.zeros((1, 2), "float32")
+    h, (_, c) = cell(np.ones((1, 3), "float32"), [zeros, zeros])
+    s = 1 / (1 + np.exp(-4.0))
+    assert_close(c, np.full((1, 2), s * np.tanh(4.0)))
+    assert_close(h, np.full((1, 2), s * np.tanh(s * np.tanh(4.0))))
+
+
+def test_gru_golden_values():
+    # All-ones kernels, zero bias, x = (1, 1, 1), h = 0: z = r = sigmoid(3), n = tanh(3),
+    # h = (1 - z) * n.
+    cell = layers.GRUCell(2, kernel_initializer="ones", recurrent_initializer="ones")
+    h, _ = cell(np.ones((1, 3), "float32"), [np.zeros((1, 2), "float32")])
+    z = 1 / (1 + np.exp(-3.0))
+    assert_close(h, np.full((1, 2), (1 - z) * np.tanh(3.0)))
+
+
+def test_unit_forget_bias_initializes_forget_gate_to_one():
+    cell = layers.LSTMCell(3)
+    cell.build((None, 2))
+    assert_close(cell.bias, np.array([0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0], "float32"))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        layers.LSTMCell(4, dropout=0.1, recurrent_dropout=0.2, unit_forget_bias=False, seed=3),
+        layers.GRUCell(4, reset_after=False, recurrent_activation="hard_sigmoid"),
+        layers.Recurrent(layers.GRUCell(5), return_state=True, go_backwards=True),
+        layers.BahdanauAttention(7),
+        layers.LuongAttention(7, score="dot", scale=True),
+    ],
+)
+def test_get_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"].startswith("translator>")
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == config
+
+
+def test_dropout_is_off_at_inference_and_fixed_per_sequence_in_training():
+    cell = layers.LSTMCell(6, dropout=0.5, seed=1)
+    rnn = keras.layers.RNN(cell, return_sequences=True)
+    reference = layers.LSTMCell(6)
+    ref_rnn = keras.layers.RNN(reference, return_sequences=True)
+    rnn(X)
+    ref_rnn(X)
+    reference.set_weights(cell.get_weights())
+    assert_close(rnn(X, training=False), ref_rnn(X))
+    # The same input mask on every step: a sequence of identical inputs with a dropped input
+    # unit behaves exactly like the same sequence with that unit zeroed.
+    x = np.ones((1, 4, 5), "float32")
+    out = layers.Recurrent(layers.LSTMCell(6, dropout=0.5, seed=2))
+    result = np.asarray(out(x, training=True))
+    assert not np.allclose(result, np.asarray(out(x, training=False)))
+
+
+def test_invalid_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="units"):
+        layers.LSTMCell(0)
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        layers.GRUCell(4, recurrent_dropout=1.5)
+    with pytest.raises(ValueError, match="score"):
+        layers.LuongAttention(4, score="cosine")
+
+
+# -- attention ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [layers.BahdanauAttention(8), layers.LuongAttention(6), layers.LuongAttention(6, score="dot")],
+)
+def test_attention_weights_sum_to_one_and_are_zero_on_padding(attention):
+    query = RNG.normal(size=(4, 6)).astype("float32")
+    memory = RNG.normal(size=(4, 7, 6)).astype("float32")
+    context, weights = attention(query, memory, mask=MASK)
+    weights = np.asarray(weights)
+    assert context.shape == (4, 6)
+    assert_close(weights.sum(-1), np.ones(4))
+    assert np.all(weights[~MASK] == 0.0)
+    assert_close(weights[2], np.eye(7)[0])  # one valid position takes all the weight
+    assert_close(context, np.einsum("bs,bsd->bd", weights, memory))
+
+
+def test_luong_general_golden_example():
+    attention = layers.LuongAttention(2)
+    attention.build((None, 2), (None, 3, 2))
+    attention.kernel.assign(np.array([[1.0, 0.0], [0.0, 2.0]], "float32"))
+    memory = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], "float32")
+    query = np.array([[1.0, 1.0]], "float32")
+    # keys = memory @ W = [[1, 0], [0, 2], [1, 2]]; scores = keys . q = [1, 2, 3]
+    _, weights = attention(query, memory)
+    expected = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    assert_close(weights[0], expected)
+
+
+def test_bahdanau_matches_its_formula():
+    attention = layers.BahdanauAttention(5)
+    query = RNG.normal(size=(2, 3)).astype("float32")
+    memory = RNG.normal(size=(2, 4, 6)).astype("float32")
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    context, weights = attention(query, memory, mask=mask)
+    wq, wk, b, v = (np.asarray(w) for w in attention.weights)
+    scores = np.tanh(query[:, None] @ wq + memory @ wk + b) @ v  # (2, 1, 4) @ ... -> (2, 4)
+    scores = np.where(mask, scores.reshape(2, 4), -np.inf)
+    expected = np.exp(scores - scores.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    assert_close(weights, expected)
+    assert_close(context, np.einsum("bs,bsd->bd", expected, memory))
+
+
+def test_luong_dot_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match="general"):
+        layers.LuongAttention(4, score="dot")(
+            np.ones((1, 4), "float32"), np.ones((1, 2, 3), "float32")
+        )

@@ -1,0 +1,165 @@
+"""Seq2Seq: shapes, padding invariance, call() vs decode_step(), saving, and learning."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import translator
+from translator import Seq2Seq
+
+SOURCE = np.array([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0]], "int32")
+TARGET_IN = np.array([[2, 11, 12, 13], [2, 14, 15, 0]], "int32")
+
+ARCHITECTURES = {
+    "lstm_luong_2x2": dict(cell_type="lstm", encoder_layers=2, decoder_layers=2),
+    "gru_bahdanau": dict(cell_type="gru", attention="bahdanau"),
+    "lstm_dot_first_bi_3enc": dict(
+        encoder_layers=3, bidirectional="first", attention_score="dot", decoder_units=8
+    ),
+    "gru_no_feed_unidirectional": dict(
+        cell_type="gru", bidirectional="none", input_feeding=False, decoder_layers=2
+    ),
+    "shared_tied": dict(share_embeddings=True, tie_embeddings=True, embedding_dim=16),
+}
+
+
+def tiny_model(**overrides):
+    kwargs = dict(
+        source_vocab_size=30,
+        target_vocab_size=30,
+        embedding_dim=8,
+        encoder_units=8,
+        decoder_units=16,
+    )
+    kwargs.update(overrides)
+    model = Seq2Seq(**kwargs)
+    model({"source_ids": SOURCE, "target_in_ids": TARGET_IN})
+    return model
+
+
+def assert_close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_shapes(name):
+    model = tiny_model(**ARCHITECTURES[name])
+    logits, attention = model(
+        {"source_ids": SOURCE, "target_in_ids": TARGET_IN}, return_attention=True
+    )
+    assert logits.shape == (2, 4, 30) and logits.dtype == tf.float32
+    assert attention.shape == (2, 4, 5)
+    assert_close(np.asarray(attention).sum(-1), np.ones((2, 4)))
+    assert np.all(np.asarray(attention)[1, :, 3:] == 0.0)  # no attention on source padding
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_call_equals_looping_decode_step(name):
+    model = tiny_model(**ARCHITECTURES[name])
+    logits, attention = model(
+        {"source_ids": SOURCE, "target_in_ids": TARGET_IN}, return_attention=True
+    )
+    constants, state = model.encode(SOURCE)
+    for t in range(TARGET_IN.shape[1]):
+        step_logits, state, step_attention = model.decode_step(TARGET_IN[:, t], state, constants)
+        assert_close(step_logits, logits[:, t])
+        assert_close(step_attention, attention[:, t])
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_padding_does_not_change_a_sentence(name):
+    model = tiny_model(**ARCHITECTURES[name])
+    alone = model({"source_ids": SOURCE[1:, :3], "target_in_ids": TARGET_IN[1:, :3]})
+    # Extra source padding, extra target padding, and a longer neighbour in the batch.
+    padded = np.pad(SOURCE, [(0, 0), (0, 4)])
+    batched = model({"source_ids": padded, "target_in_ids": TARGET_IN})
+    assert_close(alone[0], batched[1, :3])
+
+
+def test_keras_file_round_trip_gives_identical_logits(tmp_path):
+    model = tiny_model(**ARCHITECTURES["lstm_luong_2x2"], dropout=0.1)
+    before = model({"source_ids": SOURCE, "target_in_ids": TARGET_IN})
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, Seq2Seq)
+    assert loaded.get_config() == model.get_config()
+    assert_close(loaded({"source_ids": SOURCE, "target_in_ids": TARGET_IN}), before, atol=0)
+
+
+def test_config_describes_the_whole_architecture():
+    model = tiny_model(**ARCHITECTURES["gru_bahdanau"])
+    clone = Seq2Seq.from_config(model.get_config())
+    clone({"source_ids": SOURCE, "target_in_ids": TARGET_IN})
+    assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]
+    clone.set_weights(model.get_weights())
+    assert_close(
+        clone({"source_ids": SOURCE, "target_in_ids": TARGET_IN}),
+        model({"source_ids": SOURCE, "target_in_ids": TARGET_IN}),
+    )
+
+
+def test_invalid_architecture_arguments_are_explained():
+    with pytest.raises(ValueError, match="joint vocabulary"):
+        Seq2Seq(10, 12, share_embeddings=True)
+    with pytest.raises(ValueError, match="embedding_dim == decoder units"):
+        Seq2Seq(10, 10, embedding_dim=8, decoder_units=16, tie_embeddings=True)
+    with pytest.raises(ValueError, match="cell_type"):
+        Seq2Seq(10, 10, cell_type="rnn")
+    with pytest.raises(ValueError, match="bidirectional"):
+        Seq2Seq(10, 10, bidirectional="both")
+    with pytest.raises(ValueError, match="attention"):
+        Seq2Seq(10, 10, attention="transformer")
+
+
+def test_mixed_bfloat16_gives_float32_logits_close_to_float32():
+    model = tiny_model()
+    reference = model({"source_ids": SOURCE, "target_in_ids": TARGET_IN})
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = tiny_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(model.get_weights())
+    logits = mixed({"source_ids": SOURCE, "target_in_ids": TARGET_IN})
+    assert logits.dtype == tf.float32
+    assert mixed.decoder.cells[0].kernel.dtype == "float32"  # variables stay float32
+    assert_close(logits, reference, atol=0.05)
+
+
+def test_overfits_a_tiny_parallel_corpus():
+    # 16 "sentences": the target is the source reversed with ids shifted, which needs attention.
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    n, length = 16, 5
+    src = rng.integers(4, 20, size=(n, length)).astype("int32")
+    tgt = src[:, ::-1] + 10
+    source_ids = np.concatenate([src, np.full((n, 1), 3)], 1).astype("int32")
+    target_in = np.concatenate([np.full((n, 1), 2), tgt], 1).astype("int32")
+    target_out = np.concatenate([tgt, np.full((n, 1), 3)], 1).astype("int32")
+    model = Seq2Seq(30, 30, embedding_dim=32, encoder_units=32, decoder_units=64, encoder_layers=1)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    history = model.fit(
+        {"source_ids": source_ids, "target_in_ids": target_in},
+        target_out,
+        batch_size=16,
+        epochs=150,
+        verbose=0,
+    )
+    assert history.history["loss"][-1] < 0.05 < history.history["loss"][0]
+    logits = model({"source_ids": source_ids, "target_in_ids": target_in})
+    assert np.mean(np.argmax(logits, -1) == target_out) == 1.0
+
+
+def test_package_import_registers_custom_objects():
+    for name in ["LSTMCell", "GRUCell", "Recurrent", "BahdanauAttention", "LuongAttention"]:
+        assert keras.saving.get_registered_object(f"translator>{name}") is getattr(
+            translator.layers, name
+        )
+    for name in ["Seq2Seq", "Encoder", "AttentionDecoder", "DenseBridge"]:
+        assert keras.saving.get_registered_object(f"translator>{name}") is getattr(translator, name)

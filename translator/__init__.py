@@ -1,0 +1,13 @@
+"""translator: English->French neural machine translation on Keras 3.
+
+Importing the package registers every custom Keras object, so `keras.saving.load_model` can
+rebuild saved translator models.
+"""
+
+from translator import layers
+from translator.decoder import AttentionDecoder
+from translator.encoder import DenseBridge, Encoder
+from translator.model import Seq2Seq
+
+__version__ = "0.1.0"
+__all__ = ["AttentionDecoder", "DenseBridge", "Encoder", "Seq2Seq", "layers"]

@@ -1,0 +1,309 @@
+"""The attention decoder: one `step()` shared by teacher forcing and by inference."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from translator.encoder import make_cell
+from translator.layers import BahdanauAttention, LuongAttention
+
+ATTENTIONS = ("luong", "bahdanau")
+
+
+@keras.saving.register_keras_serializable(package="translator")
+class AttentionDecoder(keras.layers.Layer):
+    """Stacked recurrent decoder with attention, input feeding and a vocabulary projection.
+
+    One decoding step, for target token `y_{t-1}` (Luong et al. 2015, section 3):
+
+    ```
+    x_t      = [embed(y_{t-1}); a_{t-1}]               input feeding (a_0 = 0)
+    h_t      = stacked cells(x_t, states_{t-1})        dropout + residual between layers
+    c_t, w_t = attention(h_t, memory)                  Bahdanau (additive) or Luong (dot/general)
+    a_t      = tanh(W_a [c_t; h_t])                    the attentional vector
+    logits_t = W_out a_t + b_out                       float32, over the target vocabulary
+    ```
+
+    `step()` is that equation, and both paths use it: `call()` (teacher forcing) loops it over
+    the target in one `tf.while_loop`, and `decode_step()` runs it once for beam search. For speed
+    `call()` hoists what does not depend on the previous step out of the loop: the embedding half
+    of the first cell's input projection (one matmul for all steps), the attention keys, and the
+    vocabulary projection (one `(batch*T, units) x (units, vocab)` matmul after the loop).
+
+    Args:
+        vocab_size: Target vocabulary size.
+        embedding_dim: Target embedding width.
+        units: Units of every decoder layer (and width of the attentional vector).
+        num_layers: Stacked decoder layers.
+        cell_type: `"lstm"` or `"gru"`.
+        attention: `"luong"` or `"bahdanau"`.
+        attention_score: For Luong: `"general"` or `"dot"`.
+        input_feeding: Feed the previous attentional vector into the first layer.
+        dropout: Dropout on embeddings, between layers and before the projection.
+        residual: Residual connections between layers (all have width `units`).
+        tie_embeddings: Use the transposed embedding matrix as the output projection (needs
+            `embedding_dim == units`).
+        embedding: Optional `keras.layers.Embedding` to share (e.g. with the encoder).
+        seed: Seed of the dropout masks.
+
+    Call arguments (`call`):
+        target_in_ids: int `(batch, T)`, BOS-shifted target.
+        constants: dict from `prepare_constants` (`memory`, `keys`, `memory_mask`).
+        initial_state: From the bridge, see `initial_state`.
+        training: Whether dropout is active.
+
+    Returns:
+        `call`: float32 logits `(batch, T, vocab_size)` and attention weights `(batch, T, S)`.
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        embedding_dim,
+        units,
+        num_layers=1,
+        cell_type="lstm",
+        attention="luong",
+        attention_score="general",
+        input_feeding=True,
+        dropout=0.0,
+        residual=True,
+        tie_embeddings=False,
+        embedding=None,
+        seed=None,
+        **kwargs,
+    ):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
+        if tie_embeddings and embedding_dim != units:
+            raise ValueError(
+                "tie_embeddings needs embedding_dim == decoder units, got "
+                f"embedding_dim={embedding_dim} and units={units}."
+            )
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.units = units
+        self.num_layers = num_layers
+        self.cell_type = cell_type
+        self.attention_type = attention
+        self.attention_score = attention_score
+        self.input_feeding = input_feeding
+        self.dropout = dropout
+        self.residual = residual
+        self.tie_embeddings = tie_embeddings
+        self.seed = seed
+        self.embedding = embedding or keras.layers.Embedding(
+            vocab_size, embedding_dim, name="target_embedding"
+        )
+        self.cells = [make_cell(cell_type, units, name=f"cell_{i}") for i in range(num_layers)]
+        if attention == "luong":
+            self.attention = LuongAttention(units, score=attention_score, name="attention")
+        else:
+            self.attention = BahdanauAttention(units, name="attention")
+        self.attentional_layer = keras.layers.Dense(
+            units, activation="tanh", use_bias=False, name="attentional"
+        )
+        if not tie_embeddings:
+            self.projection = keras.layers.Dense(vocab_size, name="projection")
+        self.output_bias_tied = None
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @property
+    def states_per_layer(self):
+        return 2 if self.cell_type == "lstm" else 1
+
+    def build(self, memory_shape):
+        batch = memory_shape[0]
+        if not self.embedding.built:
+            self.embedding.build((batch, None))
+        first_input = self.embedding_dim + (self.units if self.input_feeding else 0)
+        self.cells[0].build((batch, first_input))
+        for cell in self.cells[1:]:
+            cell.build((batch, self.units))
+        self.attention.build((batch, self.units), memory_shape)
+        self.attentional_layer.build((batch, self.units + memory_shape[-1]))
+        if self.tie_embeddings:
+            self.output_bias_tied = self.add_weight(
+                name="output_bias", shape=(self.vocab_size,), initializer="zeros"
+            )
+        else:
+            self.projection.build((batch, self.units))
+        self.built = True
+
+    # -- pieces of the step ------------------------------------------------------------------
+
+    def prepare_constants(self, memory, memory_mask):
+        """Per-sentence tensors every step reads: the memory, its mask and the attention keys."""
+        return {
+            "memory": memory,
+            "keys": self.attention.precompute(memory),
+            "memory_mask": memory_mask,
+        }
+
+    def initial_state(self, bridge_states, batch_size):
+        """The decoder state: per-layer cell states and the input-feeding vector (zeros)."""
+        feed = ops.zeros((batch_size, self.units), dtype=self.compute_dtype)
+        cells = [[ops.cast(s, self.compute_dtype) for s in layer] for layer in bridge_states]
+        return {"cells": cells, "feed": feed}
+
+    def _embed_projection(self, ids, training):
+        """Embedding half of the first cell's input projection: `(..., gates*units)`."""
+        embedded = self.embedding(ids)
+        if training and self.dropout > 0:
+            embedded = keras.random.dropout(embedded, self.dropout, seed=self.seed_generator)
+        kernel = ops.cast(self.cells[0].kernel, self.compute_dtype)
+        return self.cells[0].project_inputs(
+            ops.cast(embedded, self.compute_dtype), kernel=kernel[: self.embedding_dim]
+        )
+
+    def read_weights(self):
+        """Every weight a step reads, cast to the compute dtype.
+
+        Read once per sequence outside the time loop: a variable read (and, under
+        `mixed_bfloat16`, its cast) inside `tf.while_loop` would run on every step, and its
+        gradient accumulator would keep XLA from compiling the loop.
+        """
+        dtype = self.compute_dtype
+
+        def cast(v):
+            return None if v is None else ops.cast(v, dtype)
+
+        return {
+            "cells": [
+                {
+                    "kernel": cast(cell.kernel),
+                    "recurrent_kernel": cast(cell.recurrent_kernel),
+                    "bias": cast(cell.bias),
+                }
+                for cell in self.cells
+            ],
+            "attention": self.attention.read_weights(dtype),
+            "attentional": cast(self.attentional_layer.kernel),
+        }
+
+    def step(self, projected, state, constants, weights, dropout_masks=None):
+        """One decoding step from the embedding half of the first projection.
+
+        Args:
+            projected: `(batch, gates*units)`, `_embed_projection(y_{t-1})`.
+            state: `{"cells": [[h, c], ...], "feed": a_{t-1}}`.
+            constants: from `prepare_constants`.
+            weights: from `read_weights()`.
+            dropout_masks: Optional per-sequence masks `(batch, units)` for layers 1..L-1.
+
+        Returns:
+            `(attentional (batch, units), new_state, attention weights (batch, S) float32)`.
+        """
+        w = weights["cells"]
+        if self.input_feeding:
+            feed_kernel = w[0]["kernel"][self.embedding_dim :]
+            projected = projected + ops.matmul(state["feed"], feed_kernel)
+        x, first = self.cells[0].recurrent_step(
+            projected, state["cells"][0], **self._step_kwargs(w[0])
+        )
+        new_cells = [first]
+        for i, cell in enumerate(self.cells[1:], start=1):
+            inputs = x if dropout_masks is None else x * dropout_masks[i - 1]
+            h, layer_state = cell.recurrent_step(
+                cell.project_inputs(inputs, kernel=w[i]["kernel"], bias=w[i]["bias"]),
+                state["cells"][i],
+                **self._step_kwargs(w[i]),
+            )
+            x = h + x if self.residual else h
+            new_cells.append(layer_state)
+        context, probs = self.attention.attend(
+            x,
+            constants["memory"],
+            constants["keys"],
+            constants["memory_mask"],
+            weights["attention"],
+        )
+        attentional = ops.tanh(
+            ops.matmul(ops.concatenate([context, x], axis=-1), weights["attentional"])
+        )
+        return attentional, {"cells": new_cells, "feed": attentional}, probs
+
+    def _step_kwargs(self, cell_weights):
+        kwargs = {"recurrent_kernel": cell_weights["recurrent_kernel"]}
+        if self.cell_type == "gru":
+            kwargs["bias"] = cell_weights["bias"]
+        return kwargs
+
+    def project(self, attentional, training=False):
+        """Vocabulary logits (float32) from attentional vectors `(..., units)`."""
+        if training and self.dropout > 0:
+            attentional = keras.random.dropout(attentional, self.dropout, seed=self.seed_generator)
+        if self.tie_embeddings:
+            matrix = ops.cast(self.embedding.embeddings, attentional.dtype)
+            logits = ops.matmul(attentional, ops.transpose(matrix)) + ops.cast(
+                self.output_bias_tied, attentional.dtype
+            )
+        else:
+            logits = self.projection(attentional)
+        return ops.cast(logits, "float32")
+
+    def _layer_dropout_masks(self, batch_size, training):
+        if not (training and self.dropout > 0 and self.num_layers > 1):
+            return None
+        ones = ops.ones((batch_size, self.units), dtype=self.compute_dtype)
+        return [
+            keras.random.dropout(ones, self.dropout, seed=self.seed_generator)
+            for _ in range(self.num_layers - 1)
+        ]
+
+    # -- the two paths -----------------------------------------------------------------------
+
+    def decode_step(self, ids, state, constants):
+        """Inference step `(ids (N,), state, constants) -> (logits (N, V), state, attention (N, S))`.
+
+        The signature is the step-function contract of `translator.decoding`.
+        """
+        attentional, state, probs = self.step(
+            self._embed_projection(ids, training=False), state, constants, self.read_weights()
+        )
+        return self.project(attentional), state, probs
+
+    def call(self, target_in_ids, constants, initial_state, training=False):
+        batch = ops.shape(target_in_ids)[0]
+        projected = self._embed_projection(target_in_ids, training)  # (B, T, G)
+        projected = tf.transpose(projected, [1, 0, 2])  # time-major (T, B, G)
+        steps = tf.shape(projected)[0]
+        inputs_ta = tf.TensorArray(projected.dtype, size=steps).unstack(projected)
+        masks = self._layer_dropout_masks(batch, training)
+        weights = self.read_weights()
+        outputs_ta = tf.TensorArray(self.compute_dtype, size=steps)
+        weights_ta = tf.TensorArray(tf.float32, size=steps)
+
+        def body(t, state, outputs_ta, weights_ta):
+            attentional, state, probs = self.step(
+                inputs_ta.read(t), state, constants, weights, masks
+            )
+            return t + 1, state, outputs_ta.write(t, attentional), weights_ta.write(t, probs)
+
+        _, _, outputs_ta, weights_ta = tf.while_loop(
+            lambda t, *_: t < steps,
+            body,
+            (tf.constant(0), initial_state, outputs_ta, weights_ta),
+            maximum_iterations=steps,
+        )
+        attentional = tf.transpose(outputs_ta.stack(), [1, 0, 2])  # (B, T, units)
+        probs = tf.transpose(weights_ta.stack(), [1, 0, 2])  # (B, T, S)
+        return self.project(attentional, training), probs
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "embedding_dim": self.embedding_dim,
+            "units": self.units,
+            "num_layers": self.num_layers,
+            "cell_type": self.cell_type,
+            "attention": self.attention_type,
+            "attention_score": self.attention_score,
+            "input_feeding": self.input_feeding,
+            "dropout": self.dropout,
+            "residual": self.residual,
+            "tie_embeddings": self.tie_embeddings,
+            "seed": self.seed,
+        }

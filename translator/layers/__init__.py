@@ -1,0 +1,13 @@
+"""Public layers: the recurrent cells, the sequence layer that runs them, and attention."""
+
+from translator.layers.attention import BahdanauAttention, LuongAttention, masked_softmax
+from translator.layers.cells import GRUCell, LSTMCell, Recurrent
+
+__all__ = [
+    "BahdanauAttention",
+    "GRUCell",
+    "LSTMCell",
+    "LuongAttention",
+    "Recurrent",
+    "masked_softmax",
+]
