@@ -1,0 +1,231 @@
+"""Training: an end-to-end tiny run, exact resume after SIGKILL, broken checkpoints, bad run dirs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from translator import checkpoint as ckpt
+from translator.config import load_config
+
+WORDS = {
+    "one": "un", "two": "deux", "three": "trois", "four": "quatre", "five": "cinq",
+    "red": "rouge", "green": "vert", "blue": "bleu", "cat": "chat", "dog": "chien",
+    "big": "grand", "small": "petit", "house": "maison", "car": "voiture", "tree": "arbre",
+}  # fmt: skip
+
+
+def write_corpus(folder: Path, seed=0):
+    """A word-for-word 'translation' task, split into train/val files as `files:` corpora."""
+    rng = np.random.default_rng(seed)
+    english = list(WORDS)
+    for split, n in (("train", 400), ("val", 24)):
+        src, tgt = [], []
+        for _ in range(n):
+            words = [english[i] for i in rng.integers(0, len(english), rng.integers(2, 6))]
+            src.append(" ".join(words))
+            tgt.append(" ".join(WORDS[w] for w in words))
+        (folder / f"{split}.en").write_text("\n".join(src) + "\n")
+        (folder / f"{split}.fr").write_text("\n".join(tgt) + "\n")
+    return f"files:{folder}/{{split}}.en,{folder}/{{split}}.fr"
+
+
+def tiny_overrides(corpus, **extra):
+    settings = {
+        "data.corpora": f"[{{name: '{corpus}'}}]",
+        "data.validation_corpus": f"'{corpus}'",
+        "data.validation_split": "val",
+        "data.batch_tokens": "256",
+        "data.max_length": "16",
+        "tokenizer.vocab_size": "60",
+        "model.embedding_dim": "16",
+        "model.encoder_units": "16",
+        "model.decoder_units": "32",
+        "model.dropout": "0.0",
+        "training.max_steps": "40",
+        "training.steps_per_checkpoint": "10",
+        "training.warmup_steps": "5",
+        "training.learning_rate": "0.01",
+        "training.decay": "constant",
+        "training.jit_compile": "false",
+        "decoding.beam_size": "2",
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def run_cli(args, env=None, **kwargs):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TRANSLATOR_QUIET": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "translator.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def history(run_dir):
+    latest = ckpt.list_checkpoints(Path(run_dir) / "checkpoints")[-1]
+    return json.loads((latest / "state.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    sets = [a for s in tiny_overrides(corpus) for a in ("--set", s)]
+    proc = run_cli(["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *sets])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return run_dir, out
+
+
+def test_tiny_run_learns_and_writes_a_complete_run_dir(uninterrupted):
+    run_dir, out = uninterrupted
+    for name in ["config.yaml", "spm.model", "model.keras", "summary.json", "logs"]:
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40
+    losses = [h["loss"] for h in history(run_dir)]
+    assert losses[-1] < 0.75 * losses[0]  # it learns
+    assert all("val_bleu" in h and "tokens_per_second" in h for h in history(run_dir))
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.training.max_steps == 40  # the resolved config, overrides included
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))  # TensorBoard
+
+
+def test_translate_with_the_trained_run(uninterrupted):
+    from translator.inference import load
+
+    run_dir, _ = uninterrupted
+    translator = load(run_dir)
+    result = translator.translate(["red cat", "big house"], beam_size=2, n_best=2)
+    assert len(result) == 2 and all(len(r.n_best) == 2 for r in result)
+    assert all(isinstance(r.text, str) for r in result)
+
+
+def test_sigkill_and_resume_gives_the_same_loss_curve(corpus, uninterrupted, tmp_path):
+    run_dir = tmp_path / "killed"
+    sets = [a for s in tiny_overrides(corpus) for a in ("--set", s)]
+    args = ["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *sets]
+    proc = run_cli(args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoints" / "ckpt-00000020").is_dir():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model.keras").exists()
+    resumed = run_cli([*args, "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    expected = [h["loss"] for h in history(uninterrupted[0])]
+    got = [h["loss"] for h in history(run_dir)]
+    assert len(got) == len(expected) == 4
+    np.testing.assert_allclose(got, expected, rtol=2e-3)
+
+
+def test_existing_run_without_resume_is_refused(uninterrupted):
+    run_dir, _ = uninterrupted
+    proc = run_cli(["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir)])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "--resume" in out
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, caplog):
+    import shutil
+
+    from translator.config import load_config as load
+    from translator.training import build_model, compile_model
+
+    run_dir, _ = uninterrupted
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", checkpoints)
+    paths = ckpt.list_checkpoints(checkpoints)
+    assert len(paths) >= 2
+    latest, previous = paths[-1], paths[-2]
+    weights = latest / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn write
+
+    from translator.tokenizer import SentencePieceTokenizer
+
+    config = load(run_dir / "config.yaml")
+    vocab = SentencePieceTokenizer(model_path=str(run_dir / "spm.model")).vocabulary_size()
+    model = compile_model(build_model(config, vocab, vocab), config)
+    model.optimizer.build(model.trainable_variables)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.verify_checkpoint(latest)
+    path, state = ckpt.restore_latest(checkpoints, model, model.optimizer)
+    assert path == previous and state["step"] == int(previous.name.split("-")[1])
+    assert int(model.optimizer.iterations.numpy()) == state["step"]
+    assert "skipping unusable checkpoint" in caplog.text
+
+    (previous / "manifest.json").unlink()  # a checkpoint whose writer died before the end
+    for other in paths[:-2]:
+        shutil.rmtree(other)
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+        ckpt.restore_latest(checkpoints, model, model.optimizer)
+
+
+def test_unwritable_run_dir_fails_before_training(tmp_path, corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = run_cli(
+        ["train", "--config", "configs/tiny.yaml", "--run-dir", str(blocker / "run"),
+         *[a for s in tiny_overrides(corpus) for a in ("--set", s)]]
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "not writable" in out and "--run-dir" in out
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from translator import training
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda _: usage._replace(free=10 << 20))
+    with pytest.raises(OSError, match="MiB free"):
+        training.check_run_dir(tmp_path / "run")
+
+
+def test_learning_rate_schedule_warmup_and_decay():
+    from translator.training import WarmupSchedule
+
+    schedule = WarmupSchedule(1e-3, warmup_steps=100, decay="inverse_sqrt")
+    rates = [float(schedule(s)) for s in (0, 49, 99, 399)]
+    np.testing.assert_allclose(rates, [1e-5, 5e-4, 1e-3, 5e-4], rtol=1e-5)
+    cosine = WarmupSchedule(1e-3, 10, decay="cosine", total_steps=110, minimum=1e-5)
+    np.testing.assert_allclose(float(cosine(59)), (1e-3 + 1e-5) / 2, rtol=1e-4)
+    np.testing.assert_allclose(float(cosine(500)), 1e-5, rtol=1e-5)
+
+
+def test_masked_cross_entropy_matches_hand_computation():
+    import tensorflow as tf
+
+    from translator.training import MaskedCrossEntropy
+
+    logits = tf.constant([[[2.0, 0.0, 1.0], [0.5, 0.5, 0.0]]])
+    labels = tf.constant([[2, 0]])  # the second token is PAD: ignored
+    log_p = tf.nn.log_softmax(logits)[0, 0].numpy()
+    eps = 0.1
+    expected = -(1 - eps) * log_p[2] - eps * log_p.mean()
+    got = MaskedCrossEntropy(label_smoothing=eps)(labels, logits)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)

@@ -1,0 +1,142 @@
+"""`translator train | evaluate | translate`: parse arguments, load the config, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_train(args) -> int:
+    from translator.config import load_config
+    from translator.training import train
+
+    config = load_config(args.config, args.set or [])
+    run_dir = args.run_dir or os.path.join("runs", config.name)
+    summary = train(config, run_dir, resume=args.resume)
+    print(
+        f"trained {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} min; "
+        f"best validation BLEU {summary['best_val_bleu']}; model: {run_dir}/model.keras"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from translator.evaluation import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def cmd_translate(args) -> int:
+    from translator.inference import load
+
+    translator = load(args.model)
+    kwargs = dict(beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty)
+    if args.text:
+        results = translator.translate(
+            args.text, return_alignment=bool(args.plot_attention), **kwargs
+        )
+        for result in results:
+            _print_result(result, args)
+        if args.plot_attention:
+            from translator.plotting import plot_attention
+
+            plot_attention(results[0], args.plot_attention)
+            print(f"attention plot written to {args.plot_attention}", file=sys.stderr)
+        return 0
+    # Standard input: batches of lines, streamed in order; empty lines stay empty lines.
+    batch = []
+    for line in sys.stdin:
+        batch.append(line.rstrip("\n"))
+        if len(batch) >= translator.batch_size:
+            _translate_lines(translator, batch, args, kwargs)
+            batch = []
+    if batch:
+        _translate_lines(translator, batch, args, kwargs)
+    return 0
+
+
+def _translate_lines(translator, lines, args, kwargs):
+    todo = [i for i, line in enumerate(lines) if line.strip()]
+    results = translator.translate([lines[i] for i in todo], **kwargs) if todo else []
+    by_index = dict(zip(todo, results, strict=True))
+    for i in range(len(lines)):
+        if i in by_index:
+            _print_result(by_index[i], args)
+        else:
+            print()
+    sys.stdout.flush()
+
+
+def _print_result(result, args):
+    if args.n_best > 1:
+        for text, score in result.n_best:
+            print(f"{score:.4f}\t{text}" if args.scores else text)
+    else:
+        print(f"{result.score:.4f}\t{result.text}" if args.scores else result.text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="translator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a translator from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key")
+    p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model with sacreBLEU BLEU and chrF")
+    p.add_argument("--model", required=True, help="run directory or shipped model directory")
+    p.add_argument("--corpus", help="corpus name (multi30k, tatoeba, ...)")
+    p.add_argument("--split", default="test", help="split of --corpus (default: test)")
+    p.add_argument("--source", help="plain-text source file (instead of --corpus)")
+    p.add_argument("--reference", action="append", help="reference file (repeat for several)")
+    p.add_argument("--data-dir", help="local corpus directory (else $TRANSLATOR_DATA_DIR)")
+    p.add_argument("--beam-size", type=int, default=None)
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument(
+        "--output", help="write hypotheses here (default: <model>/hyp.<corpus>.<split>.txt)"
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("translate", help="translate English text (arguments or stdin lines)")
+    p.add_argument("--model", default="saved_models/en-fr", help="model directory")
+    p.add_argument("--beam-size", type=int, default=None)
+    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--scores", action="store_true", help="print the score before each translation")
+    p.add_argument(
+        "--plot-attention", metavar="FILE.png", help="attention heatmap of the first text"
+    )
+    p.add_argument("text", nargs="*", help="sentences to translate (default: stdin, one per line)")
+    p.set_defaults(func=cmd_translate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from translator.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        print(f"translator {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed configuration: YAML files validated into pydantic models, with dotted overrides.
+
+A config file may name a parent with `extends: other.yaml` (resolved next to it); the child is
+deep-merged over the parent, `--set section.key=value` overrides are merged last, and the result
+is validated: an unknown key, a wrong type or an out-of-range value is an error that names the
+key, the file and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message says what and where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusSpec(_Section):
+    name: str = Field(description="multi30k | tatoeba | tfds:<name> | files:<src>,<tgt>")
+    weight: Annotated[float, Field(gt=0)] = 1.0  # sampling weight in a mixture
+
+
+class DataConfig(_Section):
+    # Training corpora; several make a weighted mixture.
+    corpora: list[CorpusSpec] = [CorpusSpec(name="multi30k")]
+    # Local directory holding multi30k/ and tatoeba/ (else $TRANSLATOR_DATA_DIR, else download).
+    data_dir: str | None = None
+    # Corpus and split scored for early stopping and model selection.
+    validation_corpus: str = "multi30k"
+    validation_split: str = "val"
+    # At most this many validation sentences are translated at each evaluation (0: all).
+    validation_size: Annotated[int, Field(ge=0)] = 0
+    # Pairs with a side longer than this many subwords are dropped (and counted in the log).
+    max_length: Annotated[int, Field(ge=2, le=1024)] = 80
+    # Tokens per batch (source + target padded lengths drive the bucket sizes).
+    batch_tokens: Annotated[int, Field(ge=16)] = 2048
+
+
+class TokenizerConfig(_Section):
+    # SentencePiece vocabulary size (of each side when not joint).
+    vocab_size: Annotated[int, Field(ge=16, le=256_000)] = 8000
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    # One vocabulary for English and French (enables shared/tied embeddings).
+    joint: bool = True
+    character_coverage: Annotated[float, Field(gt=0.9, le=1.0)] = 1.0
+    # Sentences sampled (with the seed) to train SentencePiece.
+    input_sentence_size: Annotated[int, Field(ge=100)] = 1_000_000
+
+
+class ModelConfig(_Section):
+    embedding_dim: Annotated[int, Field(ge=1)] = 256
+    share_embeddings: bool = True  # needs tokenizer.joint
+    tie_embeddings: bool = False  # needs embedding_dim == decoder_units
+    cell_type: Literal["lstm", "gru"] = "lstm"
+    encoder_units: Annotated[int, Field(ge=1)] = 256  # per direction
+    encoder_layers: Annotated[int, Field(ge=1, le=16)] = 1
+    bidirectional: Literal["all", "first", "none"] = "all"
+    decoder_units: Annotated[int, Field(ge=1)] = 512
+    decoder_layers: Annotated[int, Field(ge=1, le=16)] = 1
+    attention: Literal["luong", "bahdanau"] = "luong"
+    attention_score: Literal["general", "dot"] = "general"
+    input_feeding: bool = True
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    residual: bool = True
+
+
+class TrainingConfig(_Section):
+    seed: int = 0
+    # Stop after this many optimizer steps (0: no step limit).
+    max_steps: Annotated[int, Field(ge=0)] = 0
+    # Stop after this many minutes of training (0: no time limit).
+    time_limit_minutes: Annotated[float, Field(ge=0)] = 0
+    # Steps between checkpoints (and validation); also the Keras progress-bar "epoch".
+    steps_per_checkpoint: Annotated[int, Field(ge=1)] = 500
+    # Validation BLEU every this many checkpoints.
+    validate_every: Annotated[int, Field(ge=1)] = 1
+    # Stop when validation BLEU has not improved for this many validations (0: never).
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 5
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 500
+    # After warmup: inverse square root decay, cosine decay to `min_learning_rate` at max_steps,
+    # or constant.
+    decay: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    min_learning_rate: Annotated[float, Field(ge=0)] = 1e-5
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    clip_norm: Annotated[float, Field(gt=0)] = 5.0
+    # auto: mixed_bfloat16 when the CPU/GPU supports bfloat16 well, else float32.
+    precision: Literal["auto", "float32", "mixed_bfloat16"] = "float32"
+    # XLA-compile the training step (faster on this CPU in float32).
+    jit_compile: bool = True
+    # Checkpoints kept besides the best one.
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "default"
+
+
+class DecodingConfig(_Section):
+    beam_size: Annotated[int, Field(ge=1, le=64)] = 5
+    # GNMT length penalty alpha: ((5 + len) / 6) ** alpha.
+    length_penalty: Annotated[float, Field(ge=0, le=5)] = 0.6
+    coverage_penalty: Annotated[float, Field(ge=0, le=5)] = 0.0
+    # Maximum output length = ratio * source length + offset (subwords).
+    max_length_ratio: Annotated[float, Field(gt=0, le=10)] = 2.0
+    max_length_offset: Annotated[int, Field(ge=1)] = 10
+    # Sentences per batch when translating many.
+    batch_size: Annotated[int, Field(ge=1)] = 64
+
+
+class Config(_Section):
+    name: str = "translator"
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    decoding: DecodingConfig = DecodingConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self):
+        if self.model.share_embeddings and not self.tokenizer.joint:
+            raise ValueError(
+                "model.share_embeddings needs tokenizer.joint: true (one vocabulary for both "
+                "sides); set one of them differently"
+            )
+        if self.model.tie_embeddings and self.model.embedding_dim != self.model.decoder_units:
+            raise ValueError(
+                "model.tie_embeddings needs model.embedding_dim == model.decoder_units, got "
+                f"{self.model.embedding_dim} and {self.model.decoder_units}"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` merged into a copy of `base`; nested dicts merge, everything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} extends itself (cycle: {' -> '.join(map(str, seen))})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent:
+        data = deep_merge(_read_yaml(path.parent / parent, (*seen, path.resolve())), data)
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """`"training.max_steps=100"` -> `{"training": {"max_steps": 100}}` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {text!r} has no key before '='")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+            section = Config
+            for part in item["loc"][:-1]:
+                field = section.model_fields.get(str(part)) if isinstance(part, str) else None
+                annotation = getattr(field, "annotation", None)
+                section = annotation if isinstance(annotation, type) else None
+                if section is None or not issubclass(section, BaseModel):
+                    break
+            if section is not None and issubclass(section, BaseModel):
+                message += f"; allowed keys here: {', '.join(section.model_fields)}"
+        elif item["type"] == "literal_error":
+            message = f"{message} (got {item.get('input')!r})"
+        elif "input" in item and item["type"] != "value_error":
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Reads, merges and validates a config.
+
+    Args:
+        path: A YAML file (may `extends:` another), or None for the defaults.
+        overrides: `section.key=value` strings, applied in order.
+
+    Returns:
+        A validated `Config`.
+
+    Raises:
+        ConfigError: naming the key, the file and what is allowed.
+    """
+    data = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        data = deep_merge(data, parse_override(text))
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None

@@ -1,0 +1,728 @@
+"""English-French corpora (Multi30k, Tatoeba, TFDS, text files) and the tf.data training pipeline."""
+
+import difflib
+import gzip
+import hashlib
+import logging
+import os
+import random
+import unicodedata
+import zlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+logger = logging.getLogger("translator.data")
+
+# Environment variable naming a local folder with `multi30k/` and `tatoeba/` in it.
+DATA_DIR_ENV = "TRANSLATOR_DATA_DIR"
+# Where a user's machine downloads Multi30k task 1 (raw text) from: `{url}/{split}.{lang}.gz`.
+MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw"
+# The Tatoeba (manythings.org Anki) export used by the TensorFlow tutorials; `fra.txt` inside.
+TATOEBA_URL = "http://storage.googleapis.com/download.tensorflow.org/data/fra-eng.zip"
+# Split name -> file stem; "validation" and "test" are aliases so that every corpus accepts
+# the same three names.
+MULTI30K_SPLITS = {
+    "train": "train",
+    "val": "val",
+    "validation": "val",
+    "test_2016_flickr": "test_2016_flickr",
+    "test": "test_2016_flickr",
+}
+TATOEBA_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+# Tatoeba has no official split: each English sentence goes to "test" or "validation" with
+# this probability (percent) each, by a hash of the sentence (see `tatoeba_split`).
+TATOEBA_HELD_OUT_PERCENT = 2
+CORPUS_CHOICES = (
+    "multi30k",
+    "tatoeba",
+    "tfds:<name> (e.g. tfds:wmt14_translate/fr-en)",
+    "folder:<dir> (TFDS TranslateFolder: en.<split>.txt, fr.<split>.txt)",
+    "files:<english_path>,<french_path> (may contain {split})",
+)
+
+
+class DataError(ValueError):
+    """A corpus is missing, malformed or empty; the message says which file and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Corpora.
+
+
+def load_pairs(corpus, split, data_dir=None, cache_dir=None):
+    """Loads aligned (english, french) sentence pairs of one split of a corpus.
+
+    Sentences are stripped of surrounding whitespace. Pairs with an empty or
+    whitespace-only side are dropped, with one log line (logger `"translator.data"`)
+    saying how many; a split that ends up empty raises `DataError`.
+
+    Corpora:
+        - `"multi30k"`: Multi30k task 1 (Elliott et al., 2016), splits `"train"` (29,000),
+          `"val"` / `"validation"` (1,014), `"test_2016_flickr"` / `"test"` (1,000). Read
+          from `<data_dir>/multi30k/{split}.{en,fr}.gz`, else downloaded from
+          `MULTI30K_URL` into the Keras cache.
+        - `"tatoeba"`: the Tatoeba English-French pairs (`English<TAB>French[<TAB>...]`),
+          from `<data_dir>/tatoeba/fra-eng.tsv`, else from the `fra.txt` of `TATOEBA_URL`.
+          Splits `"train"`, `"validation"` (alias `"val"`), `"test"`, made by
+          `tatoeba_split`: about 96% / 2% / 2%, all translations of an English sentence on
+          one side.
+        - `"tfds:<name>"`: a TensorFlow Datasets builder with `en` and `fr` features, e.g.
+          `"tfds:wmt14_translate/fr-en"`, stored in (or prepared into) `data_dir`. `split`
+          is a TFDS split (`"val"` means `"validation"`; slices such as `"train[:1%]"`
+          work).
+        - `"folder:<dir>"`: a `tfds.folder_dataset.TranslateFolder` with files
+          `en.<split>.txt` and `fr.<split>.txt` in `<dir>`.
+        - `"files:<english_path>,<french_path>"`: two aligned text files (optionally `.gz`),
+          see `load_parallel_files`; `{split}` in the paths is replaced by `split` (without
+          it, every split reads the same two files).
+
+    Args:
+        corpus: str, one of the forms above.
+        split: str, the split name.
+        data_dir: folder with `multi30k/` and `tatoeba/`; defaults to the
+            `TRANSLATOR_DATA_DIR` environment variable. For `tfds:` corpora, the TFDS data
+            folder (default: TFDS's own, `~/tensorflow_datasets`).
+        cache_dir: Keras cache folder for downloads (default `$KERAS_HOME` or `~/.keras`).
+
+    Returns:
+        list of `(english, french)` string tuples, in corpus order.
+
+    Raises:
+        DataError: unknown corpus or split, missing files, misaligned files, bytes that are
+            not UTF-8, or no usable pair.
+
+    Example:
+
+    >>> pairs = load_pairs("multi30k", "test")  # doctest: +SKIP
+    >>> len(pairs)  # doctest: +SKIP
+    1000
+    """
+    if corpus == "multi30k":
+        return _load_multi30k(split, data_dir, cache_dir)
+    if corpus == "tatoeba":
+        split = _canonical_split(corpus, split, TATOEBA_SPLITS)
+        pairs = _load_tatoeba(split, data_dir, cache_dir)
+        pairs = [pair for pair in pairs if tatoeba_split(pair[0]) == split]
+        return _check_not_empty(pairs, f"tatoeba split {split!r}")
+    if corpus.startswith("tfds:"):
+        return _load_tfds(corpus.removeprefix("tfds:"), split, data_dir)
+    if corpus.startswith("folder:"):
+        return _load_translate_folder(corpus.removeprefix("folder:"), split)
+    if corpus.startswith("files:"):
+        paths = corpus.removeprefix("files:").split(",")
+        if len(paths) != 2:
+            raise DataError(
+                f"Corpus {corpus!r}: expected 'files:<english_path>,<french_path>' "
+                f"(two paths separated by one comma), got {len(paths)} paths."
+            )
+        src_path, tgt_path = (path.strip().replace("{split}", split) for path in paths)
+        return load_parallel_files(src_path, tgt_path)
+    close = difflib.get_close_matches(corpus, ["multi30k", "tatoeba"], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise DataError(f"Unknown corpus {corpus!r}.{hint} Valid choices: {', '.join(CORPUS_CHOICES)}.")
+
+
+def load_references(corpus, split, data_dir=None, cache_dir=None):
+    """Loads a split for evaluation: each English source with all its French references.
+
+    Tatoeba has several translations for many English sentences: they are grouped under
+    the first occurrence of the (exact) English sentence, for multi-reference BLEU. Every
+    other corpus gives one reference per line, duplicates included, so that scores stay
+    comparable with published per-line results.
+
+    Args:
+        corpus: str, as in `load_pairs`.
+        split: str, as in `load_pairs`.
+        data_dir: as in `load_pairs`.
+        cache_dir: as in `load_pairs`.
+
+    Returns:
+        list of `(english, [french, ...])`, in order of first appearance.
+
+    Example:
+
+    >>> refs = load_references("tatoeba", "test")  # doctest: +SKIP
+    >>> max(len(french) for _, french in refs) > 1  # doctest: +SKIP
+    True
+    """
+    pairs = load_pairs(corpus, split, data_dir, cache_dir)
+    if corpus != "tatoeba":
+        return [(english, [french]) for english, french in pairs]
+    grouped = {}
+    for english, french in pairs:
+        grouped.setdefault(english, []).append(french)
+    return list(grouped.items())
+
+
+def load_mixture(corpora, split, data_dir=None, seed=0, cache_dir=None):
+    """Loads several corpora as one list of pairs, each repeated by its weight.
+
+    A weight multiplies how often a corpus's pairs appear in an epoch: 1.0 once, 2.0
+    twice, 0.5 a seeded random half, so an epoch stays a well-defined number of pairs
+    and `make_dataset` shuffles them together. Use weight 1.0 for evaluation splits.
+
+    Args:
+        corpora: sequence of `(corpus, weight)` tuples, or corpus names (weight 1.0).
+        split: str, the split to load from every corpus.
+        data_dir: as in `load_pairs`.
+        seed: int, seeds the sampling of fractional weights.
+        cache_dir: as in `load_pairs`.
+
+    Returns:
+        list of `(english, french)` tuples, corpus after corpus.
+
+    Example:
+
+    >>> pairs = load_mixture([("multi30k", 1.0), ("tatoeba", 1.0)], "train")  # doctest: +SKIP
+    """
+    rng = random.Random(seed)
+    mixture = []
+    sizes = []
+    for item in corpora:
+        corpus, weight = (item, 1.0) if isinstance(item, str) else item
+        if not weight > 0:
+            raise DataError(f"Corpus {corpus!r} has weight {weight}; weights must be > 0.")
+        pairs = load_pairs(corpus, split, data_dir, cache_dir)
+        whole, fraction = divmod(float(weight), 1.0)
+        mixture.extend(pairs * int(whole))
+        mixture.extend(rng.sample(pairs, round(fraction * len(pairs))))
+        sizes.append(f"{corpus} x{weight:g}: {len(pairs):,} pairs")
+    logger.info("Mixture %r split: %s; %s pairs in all.", split, "; ".join(sizes), len(mixture))
+    return _check_not_empty(mixture, f"mixture split {split!r}")
+
+
+def load_parallel_files(src_path, tgt_path):
+    """Loads two line-aligned text files (UTF-8, optionally gzip) as (english, french) pairs.
+
+    Args:
+        src_path: path of the English file, one sentence per line.
+        tgt_path: path of the French file, aligned line by line with `src_path`.
+
+    Returns:
+        list of `(english, french)` tuples; pairs with an empty side are dropped (logged).
+
+    Raises:
+        DataError: a missing file, different line counts (both files and counts named),
+            bytes that are not UTF-8 (file and line named), or no usable pair.
+
+    Example:
+
+    >>> pairs = load_parallel_files("train.en.gz", "train.fr.gz")  # doctest: +SKIP
+    """
+    for path in (src_path, tgt_path):
+        if not os.path.isfile(path):
+            raise DataError(f"Parallel file not found: {path}")
+    sources = _read_lines(src_path)
+    targets = _read_lines(tgt_path)
+    if len(sources) != len(targets):
+        raise DataError(
+            "Parallel files are not aligned: "
+            f"{src_path} has {len(sources):,} lines but {tgt_path} has {len(targets):,} lines."
+        )
+    return _drop_empty(list(zip(sources, targets, strict=True)), f"{src_path} + {tgt_path}")
+
+
+def tatoeba_split(english):
+    """Returns the Tatoeba split (`"train"`, `"validation"` or `"test"`) of a sentence.
+
+    The split is a pure function of the English sentence, so it never changes when the
+    corpus grows or is reordered, and all French translations of a sentence (and of its
+    case and spacing variants) fall on the same side: the md5 of the NFKC-normalized,
+    case-folded, whitespace-collapsed sentence, modulo 100, puts
+    `TATOEBA_HELD_OUT_PERCENT` (2) buckets in "test", the next 2 in "validation" and the
+    other 96 in "train". On the 73,727-pair corpus this gives 70,770 / 1,476 / 1,481 pairs
+    (45,821 / 940 / 936 distinct English sentences).
+
+    Args:
+        english: str, the English sentence.
+
+    Returns:
+        str, the split name.
+
+    Example:
+
+    >>> tatoeba_split("Go.") == tatoeba_split("  go. ")
+    True
+    """
+    key = " ".join(unicodedata.normalize("NFKC", english).casefold().split())
+    bucket = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
+    if bucket < TATOEBA_HELD_OUT_PERCENT:
+        return "test"
+    if bucket < 2 * TATOEBA_HELD_OUT_PERCENT:
+        return "validation"
+    return "train"
+
+
+def _local_dir(data_dir):
+    return data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+
+
+def _where_looked(data_dir, subdir, names):
+    local = _local_dir(data_dir)
+    wanted = " and ".join(names)
+    if local is None:
+        return f"no local folder was given (data_dir is None and ${DATA_DIR_ENV} is not set)"
+    source = "data_dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+    return f"looked for {wanted} in {os.path.join(local, subdir)} (from {source})"
+
+
+def _missing_corpus(corpus, split, data_dir, subdir, names, url, error):
+    where = _where_looked(data_dir, subdir, names)
+    return DataError(
+        f"Corpus {corpus!r} split {split!r} not found: {where}, then the download from {url} "
+        f"failed ({error}). Provide the files: put {' and '.join(names)} in "
+        f"<folder>/{subdir}/ and set {DATA_DIR_ENV}=<folder> (or the config's `data_dir`), or "
+        "run once with network access to download them into the Keras cache."
+    )
+
+
+def _canonical_split(corpus, split, splits):
+    if split not in splits:
+        raise DataError(
+            f"Unknown split {split!r} for corpus {corpus!r}. Valid choices: {', '.join(splits)}."
+        )
+    return splits[split]
+
+
+def _load_multi30k(split, data_dir, cache_dir):
+    stem = _canonical_split("multi30k", split, MULTI30K_SPLITS)
+    names = [f"{stem}.en.gz", f"{stem}.fr.gz"]
+    local = _local_dir(data_dir)
+    paths = [os.path.join(local, "multi30k", name) for name in names] if local else []
+    if not (paths and all(os.path.isfile(path) for path in paths)):
+        try:
+            paths = [
+                _download(
+                    name, f"{MULTI30K_URL}/{name}", os.path.join("datasets", "multi30k"), cache_dir
+                )
+                for name in names
+            ]
+        # get_file wraps network errors in a bare Exception. Its text is in our message;
+        # `from None` keeps an offline user's screen to that message, not a urllib trace.
+        except Exception as error:
+            raise _missing_corpus(
+                "multi30k", split, data_dir, "multi30k", names, f"{MULTI30K_URL}/", error
+            ) from None
+    return load_parallel_files(*paths)
+
+
+def _load_tatoeba(split, data_dir, cache_dir):
+    local = _local_dir(data_dir)
+    path = os.path.join(local, "tatoeba", "fra-eng.tsv") if local else None
+    if not (path and os.path.isfile(path)):
+        try:
+            folder = _download("fra-eng.zip", TATOEBA_URL, "datasets", cache_dir, extract=True)
+            path = _find_file(folder, "fra.txt")
+        except Exception as error:
+            raise _missing_corpus(
+                "tatoeba", split, data_dir, "tatoeba", ["fra-eng.tsv"], TATOEBA_URL, error
+            ) from None
+    return _read_tsv(path)
+
+
+def _download(fname, origin, cache_subdir, cache_dir, extract=False):
+    if cache_dir is not None:
+        # get_file silently falls back to /tmp/.keras when cache_dir is not writable yet.
+        os.makedirs(cache_dir, exist_ok=True)
+    return keras.utils.get_file(
+        fname=fname, origin=origin, cache_subdir=cache_subdir, cache_dir=cache_dir, extract=extract
+    )
+
+
+def _find_file(folder, name):
+    for root, _, files in sorted(os.walk(folder)):
+        if name in files:
+            return os.path.join(root, name)
+    raise FileNotFoundError(f"no {name} in the extracted archive {folder}")
+
+
+def _read_tsv(path):
+    pairs = []
+    for line_number, line in enumerate(_read_lines(path), start=1):
+        columns = line.split("\t")
+        if len(columns) < 2 and line.strip():
+            raise DataError(
+                f"{path}, line {line_number}: expected English<TAB>French[<TAB>attribution], "
+                f"found no tab in {line[:80]!r}."
+            )
+        # A blank line becomes an empty pair, dropped (and counted) with the others; a
+        # third column (the Tatoeba attribution) is ignored.
+        pairs.append((columns[0], columns[1] if len(columns) > 1 else ""))
+    return _drop_empty(pairs, path)
+
+
+def _load_tfds(name, split, data_dir):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        choices = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name.split("/")[0], choices, n=5, cutoff=0.5)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise DataError(
+            f"Unknown TFDS dataset {name!r}.{hint} Valid choices are the names from "
+            "`tfds.list_builders()` (with a config after '/', e.g. 'wmt14_translate/fr-en')."
+        ) from error
+    label = f"tfds:{name}"
+    _check_features(builder, label)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:
+        raise DataError(
+            f"Corpus {label!r}: could not find or prepare it in {builder.data_dir} ({error}). "
+            "Prepare it once with network access (`tfds build`), or pass the folder holding "
+            "it as `data_dir`."
+        ) from error
+    split = {"val": "validation"}.get(split, split)
+    return _pairs_from_builder(builder, split, label)
+
+
+def _load_translate_folder(root_dir, split):
+    import tensorflow_datasets as tfds
+
+    label = f"folder:{root_dir}"
+    if not os.path.isdir(root_dir):
+        raise DataError(f"Corpus {label!r}: folder {root_dir} does not exist.")
+    builder = tfds.folder_dataset.TranslateFolder(root_dir=root_dir)
+    _check_features(builder, label)
+    return _pairs_from_builder(builder, split, label)
+
+
+def _check_features(builder, label):
+    keys = sorted(builder.info.features.keys())
+    if "en" not in keys or "fr" not in keys:
+        raise DataError(
+            f"Corpus {label!r} has features {keys}; an English-French corpus needs 'en' and "
+            "'fr' (e.g. 'tfds:wmt14_translate/fr-en')."
+        )
+
+
+def _pairs_from_builder(builder, split, label):
+    import tensorflow_datasets as tfds
+
+    try:
+        dataset = builder.as_dataset(split=split)
+    except (ValueError, KeyError) as error:
+        splits = ", ".join(builder.info.splits.keys())
+        raise DataError(
+            f"Corpus {label!r}: no split {split!r} ({error}). Valid choices: {splits}."
+        ) from error
+    pairs = [
+        (example["en"].decode("utf-8"), example["fr"].decode("utf-8"))
+        for example in tfds.as_numpy(dataset)
+    ]
+    return _drop_empty(pairs, f"{label} split {split!r}")
+
+
+def _read_lines(path):
+    """Reads a UTF-8 text file (gzip if it ends in .gz) as a list of lines without newlines."""
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    lines = []
+    try:
+        with opener(path, "rb") as file:
+            # Iterating over bytes splits on b"\n" only; str.splitlines() would also split
+            # on U+2028, U+0085, ... inside a sentence and break the alignment.
+            for line_number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(
+                        f"{path}, line {line_number}: not valid UTF-8 ({error.reason} at byte "
+                        f"{error.start} of the line: {raw[max(0, error.start - 10) : error.start + 10]!r}). "
+                        "Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                    ) from error
+                if line_number == 1:
+                    line = line.removeprefix("\ufeff")
+                lines.append(line.rstrip("\r\n"))
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"Cannot read {path}: {error}") from error
+    return lines
+
+
+def _drop_empty(pairs, name):
+    """Strips both sides, drops pairs with an empty side (one log line), fails if none is left."""
+    stripped = [(source.strip(), target.strip()) for source, target in pairs]
+    kept = [(source, target) for source, target in stripped if source and target]
+    dropped = len(pairs) - len(kept)
+    if dropped:
+        logger.info(
+            "%s: dropped %d of %d pairs with an empty or whitespace-only side (or blank lines).",
+            name,
+            dropped,
+            len(pairs),
+        )
+    return _check_not_empty(kept, name)
+
+
+def _check_not_empty(pairs, name):
+    if not pairs:
+        raise DataError(f"{name}: no usable sentence pairs (empty corpus or split).")
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# tf.data pipeline.
+
+
+def default_buckets(max_length):
+    """Returns length-bucket boundaries for sequences of up to `max_length + 1` tokens.
+
+    Args:
+        max_length: int, the longest sentence kept, in tokens (without BOS/EOS).
+
+    Returns:
+        list of increasing ints, the exclusive upper bounds of all buckets but the last.
+
+    Example:
+
+    >>> default_buckets(30)
+    [8, 12, 16, 20, 24, 28]
+    """
+    candidates = [8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128]
+    candidates += list(range(160, max_length + 2, 32))
+    return [bound for bound in candidates if bound <= max_length + 1]
+
+
+def make_dataset(
+    pairs,
+    source_tokenizer,
+    target_tokenizer,
+    batch_tokens=4096,
+    max_length=100,
+    shuffle=True,
+    seed=0,
+    buckets=None,
+    cache=True,
+    repeat=False,
+    drop_remainder=False,
+    pad_to_bucket=False,
+):
+    """Builds the training `tf.data.Dataset` of padded, length-bucketed, shifted batches.
+
+    Each pair is tokenized in the graph; the source gets `EOS_ID` appended (so the encoder
+    sees where the sentence ends, as in the decoder's input), the target gives
+    `target_in = [BOS] + ids` and `target_out = ids + [EOS]`, so `target_in[1:] ==
+    target_out[:-1]`. Pairs with a side longer than `max_length` tokens (without BOS/EOS)
+    or with an empty side are dropped, counted once in Python and logged in one line.
+
+    Batches are grouped by length (`tf.data.Dataset.bucket_by_sequence_length`): an example's
+    length is `max(len(source_ids), len(target_in_ids))`, and a bucket whose longest
+    example has `L` tokens gets batches of `batch_tokens // L` examples, so every batch
+    has `B * max(S, T) <= batch_tokens` (at least one example per batch). Source and target
+    are padded with `PAD_ID` separately, to the longest in the batch.
+
+    With `shuffle`, the order is shuffled with `seed` before bucketing and reshuffled every
+    epoch (iteration), deterministically: two datasets built with the same arguments yield
+    identical batches.
+
+    Args:
+        pairs: list of `(english, french)` strings.
+        source_tokenizer: `SentencePieceTokenizer` for English.
+        target_tokenizer: `SentencePieceTokenizer` for French (may be the same object).
+        batch_tokens: int, the token budget of a batch, `B * max(S, T)`.
+        max_length: int, the longest sentence kept, in tokens (without BOS/EOS).
+        shuffle: bool, shuffle the examples (seeded).
+        seed: int, the shuffle seed.
+        buckets: increasing ints, bucket boundaries in tokens (exclusive upper bounds of
+            all buckets but the last); default `default_buckets(max_length)`.
+        cache: bool, keep the tokenized examples in memory (filled by the length count
+            and the first epoch), so later epochs only shuffle, bucket and pad.
+        repeat: bool, repeat forever (reshuffling each time); before bucketing, so epochs
+            blend at their boundary instead of ending in small batches.
+        drop_remainder: bool, drop the last partial batch of every bucket.
+        pad_to_bucket: bool, pad source and target of a batch to its bucket's upper bound, so
+            batches come in one shape per bucket (with `repeat` or `drop_remainder`): an
+            XLA-compiled training step then compiles once per bucket, not once per shape.
+
+    Returns:
+        `tf.data.Dataset` of `({"source_ids": int32 [B, S], "target_in_ids": int32 [B, T]},
+        target_out_ids int32 [B, T], sample_weight float32 [B, T])`, where `sample_weight`
+        is 1.0 on real tokens (EOS included) and 0.0 on padding.
+
+    Example:
+
+    >>> dataset = make_dataset(pairs, tokenizer, tokenizer, batch_tokens=2048)  # doctest: +SKIP
+    >>> inputs, target_out_ids, sample_weight = next(iter(dataset))  # doctest: +SKIP
+    """
+    if not pairs:
+        raise DataError("make_dataset: no sentence pairs were given.")
+    boundaries = sorted(default_buckets(max_length) if buckets is None else buckets)
+    boundaries = [bound for bound in boundaries if bound <= max_length + 1]
+    if any(bound < 2 for bound in boundaries) or len(set(boundaries)) != len(boundaries):
+        raise ValueError(f"`buckets` must be distinct ints >= 2. Received: {buckets}")
+    # The longest example of bucket i has boundaries[i] - 1 tokens; the last bucket holds
+    # up to max_length + 1 (the sentence plus EOS/BOS).
+    upper_bounds = [bound - 1 for bound in boundaries] + [max_length + 1]
+    batch_sizes = [max(1, batch_tokens // upper) for upper in upper_bounds]
+    sources = tf.constant([source for source, _ in pairs], tf.string)
+    targets = tf.constant([target for _, target in pairs], tf.string)
+
+    def tokenize(source, target):  # [chunk] strings -> [chunk, (tokens)] ids
+        return source_tokenizer.tokenize(source), target_tokenizer.tokenize(target)
+
+    # Tokenize, filter and add BOS/EOS a chunk of sentences at a time: one op call per
+    # chunk instead of per-example work in every epoch.
+    chunks = (
+        tf.data.Dataset.from_tensor_slices((sources, targets))
+        .batch(1024)
+        .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+    )
+    if cache:
+        # The counting pass below fills this cache, so the pipeline never tokenizes twice.
+        chunks = chunks.cache()
+    kept = _count_kept(chunks, len(pairs), max_length)
+
+    def select(source, target):  # ragged [chunk, (tokens)] each
+        source_lengths, target_lengths = source.row_lengths(), target.row_lengths()
+        keep = (
+            (source_lengths > 0)
+            & (target_lengths > 0)
+            & (source_lengths <= max_length)
+            & (target_lengths <= max_length)
+        )
+        source = tf.ragged.boolean_mask(source, keep)
+        target = tf.ragged.boolean_mask(target, keep)
+        column = tf.stack([source.nrows(), 1])
+        bos = tf.RaggedTensor.from_tensor(tf.fill(column, tf.constant(BOS_ID, tf.int32)))
+        eos = tf.RaggedTensor.from_tensor(tf.fill(column, tf.constant(EOS_ID, tf.int32)))
+        return (
+            tf.concat([source, eos], axis=1),  # source_ids
+            tf.concat([bos, target], axis=1),  # target_in_ids
+            tf.concat([target, eos], axis=1),  # target_out_ids
+        )
+
+    # Rows of an unbatched ragged tensor keep a ragged spec, which `padded_batch` refuses;
+    # inside a map they are plain tensors.
+    dataset = chunks.map(select).unbatch().map(lambda *example: example)
+    if cache:
+        dataset = dataset.cache()
+    if shuffle:
+        dataset = dataset.shuffle(min(kept, 1_000_000), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+
+    pad = tf.constant(PAD_ID, tf.int32)
+    dataset = dataset.bucket_by_sequence_length(
+        element_length_func=lambda source, target_in, _: tf.maximum(
+            tf.size(source), tf.size(target_in)
+        ),
+        bucket_boundaries=boundaries,
+        bucket_batch_sizes=batch_sizes,
+        padded_shapes=([None], [None], [None]),
+        padding_values=(pad, pad, pad),
+        drop_remainder=drop_remainder,
+    )
+
+    if pad_to_bucket:
+        bounds = tf.constant(upper_bounds, tf.int32)
+
+        def pad_fixed(source_ids, target_in_ids, target_out_ids):
+            longest = tf.maximum(tf.shape(source_ids)[1], tf.shape(target_in_ids)[1])
+            length = bounds[tf.argmax(tf.cast(bounds >= longest, tf.int32))]  # first bound >= it
+
+            def pad(ids):
+                return tf.pad(ids, [[0, 0], [0, length - tf.shape(ids)[1]]])
+
+            return pad(source_ids), pad(target_in_ids), pad(target_out_ids)
+
+        dataset = dataset.map(pad_fixed)
+
+    def to_keras(source_ids, target_in_ids, target_out_ids):
+        sample_weight = tf.cast(tf.not_equal(target_out_ids, PAD_ID), tf.float32)
+        inputs = {"source_ids": source_ids, "target_in_ids": target_in_ids}
+        return inputs, target_out_ids, sample_weight
+
+    return dataset.map(to_keras).prefetch(tf.data.AUTOTUNE)
+
+
+def _count_kept(chunks, total, max_length):
+    """Counts the pairs `make_dataset` keeps, logs the dropped ones, fails if none is left."""
+    source_lengths, target_lengths = [], []
+    for source, target in chunks:
+        source_lengths.append(source.row_lengths().numpy())
+        target_lengths.append(target.row_lengths().numpy())
+    source_lengths = np.concatenate(source_lengths)
+    target_lengths = np.concatenate(target_lengths)
+    too_long = (source_lengths > max_length) | (target_lengths > max_length)
+    empty = ((source_lengths == 0) | (target_lengths == 0)) & ~too_long
+    kept = total - int(np.sum(too_long | empty))
+    if kept < total:
+        logger.info(
+            "make_dataset: dropped %d of %d pairs (%d with a side over max_length=%d tokens, "
+            "%d with a side of no tokens).",
+            total - kept,
+            total,
+            int(np.sum(too_long)),
+            max_length,
+            int(np.sum(empty)),
+        )
+    if kept == 0:
+        raise DataError(
+            f"make_dataset: none of the {total} pairs has both sides between 1 and "
+            f"max_length={max_length} tokens."
+        )
+    return kept
+
+
+def make_eval_batches(sources, tokenizer, batch_size=64):
+    """Batches sentences for translation, longest first, with the order to restore.
+
+    Sorting by length keeps padding (and decoding of finished rows) small; the longest
+    batch comes first, so running out of memory happens at once, not at the end.
+
+    Args:
+        sources: list of English strings.
+        tokenizer: the source `SentencePieceTokenizer`.
+        batch_size: int, sentences per batch.
+
+    Returns:
+        `(dataset, order)`: `dataset` yields `source_ids` int32 `[B, S]` (ids + EOS,
+        padded with `PAD_ID`), `order` is an int array such that the i-th sentence of the
+        concatenated batches is `sources[order[i]]`; `restore_order` undoes it.
+
+    Example:
+
+    >>> dataset, order = make_eval_batches(sentences, tokenizer)  # doctest: +SKIP
+    >>> outputs = [text for batch in dataset for text in translate(batch)]  # doctest: +SKIP
+    >>> translations = restore_order(outputs, order)  # doctest: +SKIP
+    """
+    if len(sources) == 0:
+        raise DataError("make_eval_batches: no sentences were given.")
+    lengths = tokenizer.tokenize(list(sources)).row_lengths().numpy()
+    order = np.argsort(-lengths, kind="stable")
+    sorted_sources = tf.constant([sources[i] for i in order], tf.string)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(sorted_sources)
+        .batch(batch_size)
+        .map(lambda text: tokenizer.tokenize(text, add_eos=True).to_tensor(PAD_ID))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return dataset, order
+
+
+def restore_order(items, order):
+    """Puts outputs of `make_eval_batches` batches back in the order of the input sentences.
+
+    Args:
+        items: sequence, one output per sentence, in batch order.
+        order: the `order` returned by `make_eval_batches`.
+
+    Returns:
+        list, `items` in the original sentence order.
+
+    Example:
+
+    >>> restore_order(["b", "c", "a"], [1, 2, 0])
+    ['a', 'b', 'c']
+    """
+    if len(items) != len(order):
+        raise ValueError(f"Got {len(items)} items for {len(order)} sentences.")
+    restored = [None] * len(order)
+    for item, index in zip(items, order, strict=True):
+        restored[index] = item
+    return restored

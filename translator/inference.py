@@ -1,0 +1,254 @@
+"""`Translator`: strings in, strings out: tokenize, encode, search and detokenize in one graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from translator import decoding
+from translator.tokenizer import EOS_ID, PAD_ID
+
+BOS_ID = 2
+
+
+@dataclass
+class Translation:
+    """One source sentence's result: the best text and score, and on request more."""
+
+    text: str
+    score: float
+    n_best: list[tuple[str, float]] = field(default_factory=list)
+    source_tokens: list[str] | None = None
+    target_tokens: list[str] | None = None
+    alignment: np.ndarray | None = None  # (target_len, source_len)
+
+
+class Translator:
+    """Translates lists of English strings with a trained `Seq2Seq` and its tokenizers.
+
+    The whole path (SentencePiece tokenization, encoder, batched beam search, detokenization) is
+    one `tf.function` with a fixed input signature, so beam size, n-best and length penalty are
+    runtime inputs and the same graph is what `translator export` writes for TF Serving.
+
+    Args:
+        model: A `translator.Seq2Seq`.
+        source_tokenizer, target_tokenizer: `translator.tokenizer.SentencePieceTokenizer` layers.
+        beam_size, length_penalty, coverage_penalty: Decoding defaults.
+        max_length_ratio, max_length_offset: Output limit = ratio * source length + offset.
+        batch_size: Sentences per graph call when translating long lists.
+    """
+
+    def __init__(
+        self,
+        model,
+        source_tokenizer,
+        target_tokenizer,
+        beam_size=5,
+        length_penalty=0.6,
+        coverage_penalty=0.0,
+        max_length_ratio=2.0,
+        max_length_offset=10,
+        batch_size=64,
+        max_source_length=256,
+    ):
+        self.model = model
+        self.source_tokenizer = source_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.beam_size = beam_size
+        self.length_penalty = length_penalty
+        self.coverage_penalty = coverage_penalty
+        self.max_length_ratio = max_length_ratio
+        self.max_length_offset = max_length_offset
+        self.batch_size = batch_size
+        self.max_source_length = max_source_length
+        self.translate_graph = tf.function(
+            self._translate_graph,
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="text"),
+                tf.TensorSpec([], tf.int32, name="beam_size"),
+                tf.TensorSpec([], tf.int32, name="n_best"),
+                tf.TensorSpec([], tf.float32, name="length_penalty"),
+                tf.TensorSpec([], tf.float32, name="coverage_penalty"),
+            ],
+        )
+
+    # -- the graph -----------------------------------------------------------------------------
+
+    def encode_source(self, text):
+        """Raw strings `(batch,)` -> padded ids `(batch, S)` with EOS appended, and lengths."""
+        ids = self.source_tokenizer(text)  # ragged (batch, None)
+        ids = ids[:, : self.max_source_length - 1]
+        eos = tf.fill([ids.nrows(), 1], tf.constant(EOS_ID, ids.dtype))
+        ids = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        return tf.cast(ids.to_tensor(PAD_ID), tf.int32), lengths
+
+    def _translate_graph(self, text, beam_size, n_best, length_penalty, coverage_penalty):
+        source_ids, source_lengths = self.encode_source(text)
+        constants, state = self.model.encode(source_ids)
+        batch = tf.shape(source_ids)[0]
+        max_length = (
+            tf.cast(
+                tf.math.ceil(self.max_length_ratio * tf.cast(source_lengths, tf.float32)), tf.int32
+            )
+            + self.max_length_offset
+        )
+        result = decoding.beam_search(
+            self.model.decode_step,
+            start_ids=tf.fill([batch], BOS_ID),
+            end_id=EOS_ID,
+            initial_state=state,
+            constants=constants,
+            max_length=max_length,
+            beam_size=beam_size,
+            n_best=n_best,
+            length_penalty=length_penalty,
+            coverage_penalty=coverage_penalty,
+            return_alignment=True,
+        )
+        ids = result.ids  # (batch, n_best, T)
+        shape = tf.shape(ids)
+        flat = tf.reshape(ids, [-1, shape[2]])
+        texts = tf.reshape(self.target_tokenizer.detokenize(flat), [shape[0], shape[1]])
+        return {
+            "translations": texts,
+            "scores": result.scores,
+            "ids": ids,
+            "lengths": result.lengths,
+            "alignments": result.alignments,
+            "source_ids": source_ids,
+            "source_lengths": source_lengths,
+        }
+
+    # -- the Python API ------------------------------------------------------------------------
+
+    def translate(
+        self,
+        texts,
+        beam_size=None,
+        n_best=1,
+        length_penalty=None,
+        coverage_penalty=None,
+        return_alignment=False,
+    ):
+        """Translates a list of strings (any length; batched by length, results in input order).
+
+        Args:
+            texts: list of English strings (or one string).
+            beam_size: Beam width (1 = greedy); default from the constructor.
+            n_best: Hypotheses returned per sentence (<= beam_size).
+            length_penalty: GNMT alpha; default from the constructor.
+            coverage_penalty: GNMT beta; default from the constructor.
+            return_alignment: Also return subword tokens and attention alignments.
+
+        Returns:
+            A list of `Translation`, one per input, in order.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        beam_size = self.beam_size if beam_size is None else int(beam_size)
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+        alpha = self.length_penalty if length_penalty is None else float(length_penalty)
+        beta = self.coverage_penalty if coverage_penalty is None else float(coverage_penalty)
+        results: list[Translation | None] = [None] * len(texts)
+        # Sort by length so each batch pads little; restore the order at the end.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            out = self.translate_graph(
+                tf.constant([texts[i] for i in index]),
+                tf.constant(beam_size),
+                tf.constant(n_best),
+                tf.constant(alpha, tf.float32),
+                tf.constant(beta, tf.float32),
+            )
+            for row, i in enumerate(index):
+                results[i] = self._unpack(out, row, return_alignment)
+        return results[0] if single else results
+
+    def _unpack(self, out, row, return_alignment):
+        texts = [t.decode("utf-8") for t in out["translations"][row].numpy()]
+        scores = [float(s) for s in out["scores"][row].numpy()]
+        result = Translation(
+            text=texts[0], score=scores[0], n_best=list(zip(texts, scores, strict=True))
+        )
+        if return_alignment:
+            source_length = int(out["source_lengths"][row])
+            length = int(out["lengths"][row, 0])
+            source_ids = out["source_ids"][row, :source_length]
+            target_ids = out["ids"][row, 0, :length]
+            result.source_tokens = _pieces(self.source_tokenizer, source_ids)
+            result.target_tokens = _pieces(self.target_tokenizer, target_ids)
+            result.alignment = out["alignments"][row, 0, :length, :source_length].numpy()
+        return result
+
+
+def _pieces(tokenizer, ids):
+    return [p.decode("utf-8") for p in tokenizer.id_to_token(ids).numpy()]
+
+
+def load(path, **overrides) -> Translator:
+    """Loads a trained translator from a run directory or a shipped model directory.
+
+    The directory holds `model.keras`, the SentencePiece model(s) (`spm.model`, or
+    `spm.source.model` and `spm.target.model`) and `config.yaml` (decoding defaults).
+
+    Args:
+        path: The directory.
+        **overrides: `Translator` arguments that replace the config's decoding defaults.
+
+    Raises:
+        FileNotFoundError: naming the directory and the file that is missing.
+    """
+    import keras
+
+    from translator.config import load_config
+    from translator.tokenizer import SentencePieceTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (expected a training run directory or a "
+            "shipped model such as saved_models/en-fr)"
+        )
+    model_file = path / "model.keras"
+    if not model_file.is_file():
+        raise FileNotFoundError(
+            f"{path} has no model.keras: is it a finished training run (see `translator train`)?"
+        )
+    if (path / "spm.model").is_file():
+        source_tokenizer = target_tokenizer = SentencePieceTokenizer(
+            model_path=str(path / "spm.model")
+        )
+    elif (path / "spm.source.model").is_file() and (path / "spm.target.model").is_file():
+        source_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.source.model"))
+        target_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.target.model"))
+    else:
+        raise FileNotFoundError(
+            f"{path} has no SentencePiece model (spm.model, or spm.source.model and "
+            "spm.target.model)"
+        )
+    try:
+        model = keras.saving.load_model(model_file)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot load {model_file}: {e}") from e
+    config = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+    kwargs = {}
+    if config is not None:
+        d = config.decoding
+        kwargs = dict(
+            beam_size=d.beam_size,
+            length_penalty=d.length_penalty,
+            coverage_penalty=d.coverage_penalty,
+            max_length_ratio=d.max_length_ratio,
+            max_length_offset=d.max_length_offset,
+            batch_size=d.batch_size,
+        )
+    kwargs.update(overrides)
+    return Translator(model, source_tokenizer, target_tokenizer, **kwargs)
