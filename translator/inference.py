@@ -9,9 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from translator import decoding
-from translator.tokenizer import EOS_ID, PAD_ID
-
-BOS_ID = 2
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass
