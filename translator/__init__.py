@@ -7,7 +7,18 @@ rebuild saved translator models.
 from translator import layers
 from translator.decoder import AttentionDecoder
 from translator.encoder import DenseBridge, Encoder
+from translator.inference import Translator, load
 from translator.model import Seq2Seq
+from translator.tokenizer import SentencePieceTokenizer
 
 __version__ = "0.1.0"
-__all__ = ["AttentionDecoder", "DenseBridge", "Encoder", "Seq2Seq", "layers"]
+__all__ = [
+    "AttentionDecoder",
+    "DenseBridge",
+    "Encoder",
+    "Seq2Seq",
+    "SentencePieceTokenizer",
+    "Translator",
+    "layers",
+    "load",
+]

@@ -1,4 +1,4 @@
-"""`translator train | evaluate | translate`: parse arguments, load the config, call one function."""
+"""`translator train | evaluate | translate | export | serve`: parse arguments, load the config, call one function."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def cmd_evaluate(args) -> int:
     from translator.evaluation import evaluate_cli
 
     return evaluate_cli(args)
+
+
+def cmd_export(args) -> int:
+    from translator.export import export
+
+    path = export(args.model, args.out, version=args.version, weights_dtype=args.weights_dtype)
+    print(f"exported {args.model} to {path} (TF Serving model base path: {args.out})")
+    return 0
 
 
 def cmd_translate(args) -> int:
@@ -111,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="write hypotheses here (default: <model>/hyp.<corpus>.<split>.txt)"
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a TF Serving SavedModel and a .keras model")
+    p.add_argument("--model", required=True, help="training run directory or model directory")
+    p.add_argument("--out", required=True, help="export directory, e.g. saved_models/en-fr")
+    p.add_argument("--version", type=int, help="SavedModel version (default: next integer)")
+    p.add_argument(
+        "--weights-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage type of the weights (float16 halves the export; compute stays float32)",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("translate", help="translate English text (arguments or stdin lines)")
     p.add_argument("--model", default="saved_models/en-fr", help="model directory")

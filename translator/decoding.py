@@ -251,7 +251,7 @@ def beam_search(
     batch_size = tf.shape(start_ids)[0]
     max_length = tf.broadcast_to(tf.cast(max_length, tf.int32), [batch_size])
     # Best final score an alive beam can reach is bounded through lp at max_length.
-    max_length_penalty = _length_penalty(max_length, alpha)  # [B]
+    max_length_penalty = gnmt_length_penalty(max_length, alpha)  # [B]
     batch_offsets = tf.range(batch_size)[:, tf.newaxis] * beam_size  # [B, 1]
     beam_ids = tf.broadcast_to(tf.range(beam_size), [batch_size, beam_size])  # [B, K]
 
@@ -299,7 +299,7 @@ def beam_search(
         log_probs = tf.nn.log_softmax(logits)  # [B*K, V]
         vocab_size = tf.shape(log_probs)[1]
         length = step + 1  # every candidate of this step has this many tokens
-        penalty = _length_penalty(length, alpha)
+        penalty = gnmt_length_penalty(length, alpha)
         total = tf.reshape(carry["alive_log_probs"], [-1, 1]) + log_probs  # [B*K, V]
         eos_log_probs = tf.reshape(tf.gather(total, end_id, axis=1), [batch_size, beam_size])
         # Alive candidates: the best non-EOS extensions, over [B, K*V].
@@ -358,7 +358,7 @@ def beam_search(
         # cp <= 0 (beta >= 0; no early stop otherwise).
         best_alive = top_log_probs[:, 0]  # [B]
         bound = tf.maximum(
-            best_alive / _length_penalty(length + 1, alpha), best_alive / max_length_penalty
+            best_alive / gnmt_length_penalty(length + 1, alpha), best_alive / max_length_penalty
         )
         bound = tf.where(beta < 0.0, float("inf"), bound)
         worst_finished = finished_scores[:, -1]  # [B]
@@ -396,7 +396,7 @@ def beam_search(
     )
 
 
-def _length_penalty(length, alpha):
+def gnmt_length_penalty(length, alpha):
     """GNMT length penalty `lp(length) = ((5 + length) / 6) ** alpha`.
 
     Args:

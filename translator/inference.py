@@ -73,6 +73,23 @@ class Translator:
             ],
         )
 
+    @classmethod
+    def from_model(cls, model, **kwargs):
+        """A `Translator` for a `Seq2Seq` that carries its tokenizers (as exported models do).
+
+        Example:
+
+        >>> model = keras.saving.load_model("saved_models/en-fr/model.keras")  # doctest: +SKIP
+        >>> Translator.from_model(model).translate("Hello!").text  # doctest: +SKIP
+        'Bonjour !'
+        """
+        if getattr(model, "source_tokenizer", None) is None:
+            raise ValueError(
+                "This model carries no tokenizers: build it with `source_tokenizer=` and "
+                "`target_tokenizer=`, or use `translator.load(directory)` with its spm.model."
+            )
+        return cls(model, model.source_tokenizer, model.target_tokenizer, **kwargs)
+
     # -- the graph -----------------------------------------------------------------------------
 
     def encode_source(self, text):
@@ -85,7 +102,16 @@ class Translator:
         return tf.cast(ids.to_tensor(PAD_ID), tf.int32), lengths
 
     def _translate_graph(self, text, beam_size, n_best, length_penalty, coverage_penalty):
-        source_ids, source_lengths = self.encode_source(text)
+        text = tf.convert_to_tensor(text, tf.string)
+        checks = [
+            tf.debugging.assert_greater_equal(beam_size, 1, message="beam_size must be at least 1"),
+            tf.debugging.assert_greater_equal(n_best, 1, message="n_best must be at least 1"),
+            tf.debugging.assert_less_equal(
+                n_best, beam_size, message="n_best must not be larger than beam_size"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            source_ids, source_lengths = self.encode_source(text)
         constants, state = self.model.encode(source_ids)
         batch = tf.shape(source_ids)[0]
         max_length = (
@@ -94,19 +120,35 @@ class Translator:
             )
             + self.max_length_offset
         )
-        result = decoding.beam_search(
-            self.model.decode_step,
+        search = dict(
             start_ids=tf.fill([batch], BOS_ID),
             end_id=EOS_ID,
             initial_state=state,
             constants=constants,
             max_length=max_length,
-            beam_size=beam_size,
-            n_best=n_best,
-            length_penalty=length_penalty,
-            coverage_penalty=coverage_penalty,
             return_alignment=True,
         )
+
+        def greedy():
+            # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
+            # length normalization as beam search's so scores compare across beam sizes.
+            r = decoding.greedy_search(self.model.decode_step, **search)
+            scores = r.log_probs / decoding.gnmt_length_penalty(r.lengths, length_penalty)
+            return r.ids, r.lengths, scores, r.alignments
+
+        def beam():
+            r = decoding.beam_search(
+                self.model.decode_step,
+                beam_size=beam_size,
+                n_best=n_best,
+                length_penalty=length_penalty,
+                coverage_penalty=coverage_penalty,
+                **search,
+            )
+            return r.ids, r.lengths, r.scores, r.alignments
+
+        ids, lengths, scores, alignments = tf.cond(tf.equal(beam_size, 1), greedy, beam)
+        result = decoding.DecodingResult(ids, lengths, scores, scores, alignments, tf.constant(0))
         ids = result.ids  # (batch, n_best, T)
         shape = tf.shape(ids)
         flat = tf.reshape(ids, [-1, shape[2]])
@@ -191,62 +233,89 @@ def _pieces(tokenizer, ids):
     return [p.decode("utf-8") for p in tokenizer.id_to_token(ids).numpy()]
 
 
+def decoding_options(config) -> dict:
+    """`Translator` keyword arguments from a `translator.config.Config`'s decoding section."""
+    d = config.decoding
+    return dict(
+        beam_size=d.beam_size,
+        length_penalty=d.length_penalty,
+        coverage_penalty=d.coverage_penalty,
+        max_length_ratio=d.max_length_ratio,
+        max_length_offset=d.max_length_offset,
+        batch_size=d.batch_size,
+    )
+
+
 def load(path, **overrides) -> Translator:
     """Loads a trained translator from a run directory or a shipped model directory.
 
-    The directory holds `model.keras`, the SentencePiece model(s) (`spm.model`, or
-    `spm.source.model` and `spm.target.model`) and `config.yaml` (decoding defaults).
+    The directory holds `model.keras` and `config.yaml` (decoding defaults). The SentencePiece
+    model(s) come from the `.keras` file when it carries them (every exported model does), else
+    from `spm.model` (or `spm.source.model` and `spm.target.model`) beside it.
 
     Args:
-        path: The directory.
+        path: The directory (or a `.keras` file).
         **overrides: `Translator` arguments that replace the config's decoding defaults.
 
     Raises:
         FileNotFoundError: naming the directory and the file that is missing.
+        ValueError: naming the file that cannot be loaded and why.
+
+    Example:
+
+    >>> translator = load("saved_models/en-fr")  # doctest: +SKIP
+    >>> translator.translate(["A man rides a bike."])[0].text  # doctest: +SKIP
+    'Un homme fait du vélo.'
     """
     import keras
 
-    from translator.config import load_config
+    import translator as _registers_custom_objects  # noqa: F401
+    from translator.config import ConfigError, load_config
     from translator.tokenizer import SentencePieceTokenizer
 
     path = Path(path)
+    model_file = path
+    if path.suffix == ".keras":
+        path = path.parent
+    else:
+        model_file = path / "model.keras"
     if not path.is_dir():
         raise FileNotFoundError(
             f"model directory {path} does not exist (expected a training run directory or a "
             "shipped model such as saved_models/en-fr)"
         )
-    model_file = path / "model.keras"
     if not model_file.is_file():
         raise FileNotFoundError(
-            f"{path} has no model.keras: is it a finished training run (see `translator train`)?"
-        )
-    if (path / "spm.model").is_file():
-        source_tokenizer = target_tokenizer = SentencePieceTokenizer(
-            model_path=str(path / "spm.model")
-        )
-    elif (path / "spm.source.model").is_file() and (path / "spm.target.model").is_file():
-        source_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.source.model"))
-        target_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.target.model"))
-    else:
-        raise FileNotFoundError(
-            f"{path} has no SentencePiece model (spm.model, or spm.source.model and "
-            "spm.target.model)"
+            f"{path} has no model.keras: is it a finished training run (see `translator train`) "
+            "or an export (see `translator export`)?"
         )
     try:
         model = keras.saving.load_model(model_file)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot load {model_file}: {e}") from e
-    config = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        raise ValueError(
+            f"cannot load {model_file}: {type(e).__name__}: {e}. Is it a complete `.keras` file "
+            "written by this version of translator (re-export it with `translator export`)?"
+        ) from e
+    source_tokenizer = getattr(model, "source_tokenizer", None)
+    target_tokenizer = getattr(model, "target_tokenizer", None)
+    if source_tokenizer is None or target_tokenizer is None:
+        if (path / "spm.model").is_file():
+            source_tokenizer = target_tokenizer = SentencePieceTokenizer(
+                model_path=str(path / "spm.model")
+            )
+        elif (path / "spm.source.model").is_file() and (path / "spm.target.model").is_file():
+            source_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.source.model"))
+            target_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.target.model"))
+        else:
+            raise FileNotFoundError(
+                f"{model_file} carries no tokenizer and {path} has no SentencePiece model "
+                "(spm.model, or spm.source.model and spm.target.model)"
+            )
     kwargs = {}
-    if config is not None:
-        d = config.decoding
-        kwargs = dict(
-            beam_size=d.beam_size,
-            length_penalty=d.length_penalty,
-            coverage_penalty=d.coverage_penalty,
-            max_length_ratio=d.max_length_ratio,
-            max_length_offset=d.max_length_offset,
-            batch_size=d.batch_size,
-        )
+    if (path / "config.yaml").is_file():
+        try:
+            kwargs = decoding_options(load_config(path / "config.yaml"))
+        except ConfigError as e:
+            raise ValueError(f"{path / 'config.yaml'} is not a valid translator config: {e}") from e
     kwargs.update(overrides)
     return Translator(model, source_tokenizer, target_tokenizer, **kwargs)

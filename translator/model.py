@@ -39,6 +39,10 @@ class Seq2Seq(keras.Model):
         dropout: Dropout rate (embeddings, between layers, before the projection).
         residual: Residual connections between equal-width layers.
         pad_id: Padding id of both vocabularies (masked everywhere).
+        source_tokenizer, target_tokenizer: Optional `translator.tokenizer.SentencePieceTokenizer`
+            layers (the same object for a joint vocabulary). They carry no weights; a model that
+            holds them saves their SentencePiece models as assets of its `.keras` file, so
+            `translator.Translator.from_model(keras.saving.load_model(path))` needs nothing else.
 
     Call arguments:
         inputs: dict with `source_ids` int `(batch, S)` and `target_in_ids` int `(batch, T)`.
@@ -79,6 +83,8 @@ class Seq2Seq(keras.Model):
         dropout=0.0,
         residual=True,
         pad_id=PAD_ID,
+        source_tokenizer=None,
+        target_tokenizer=None,
         **kwargs,
     ):
         if share_embeddings and source_vocab_size != target_vocab_size:
@@ -104,6 +110,10 @@ class Seq2Seq(keras.Model):
         self.dropout = dropout
         self.residual = residual
         self.pad_id = pad_id
+        self.source_tokenizer = _deserialize_layer(source_tokenizer)
+        if isinstance(target_tokenizer, str) and target_tokenizer == "source_tokenizer":
+            target_tokenizer = self.source_tokenizer  # joint vocabulary: one layer, one asset
+        self.target_tokenizer = _deserialize_layer(target_tokenizer)
 
         self.source_embedding = keras.layers.Embedding(
             source_vocab_size, embedding_dim, name="source_embedding"
@@ -184,7 +194,7 @@ class Seq2Seq(keras.Model):
     def get_config(self):
         # Not merged with super(): keras.Model's config carries only name/trainable/dtype here,
         # and the architecture below is the whole story.
-        return {
+        config = {
             "name": self.name,
             "source_vocab_size": self.source_vocab_size,
             "target_vocab_size": self.target_vocab_size,
@@ -204,7 +214,22 @@ class Seq2Seq(keras.Model):
             "residual": self.residual,
             "pad_id": self.pad_id,
         }
+        if self.source_tokenizer is not None:
+            config["source_tokenizer"] = keras.saving.serialize_keras_object(self.source_tokenizer)
+        if self.target_tokenizer is not None:
+            config["target_tokenizer"] = (
+                "source_tokenizer"
+                if self.target_tokenizer is self.source_tokenizer
+                else keras.saving.serialize_keras_object(self.target_tokenizer)
+            )
+        return config
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _deserialize_layer(layer):
+    if layer is None or isinstance(layer, keras.layers.Layer):
+        return layer
+    return keras.saving.deserialize_keras_object(layer)

@@ -17,7 +17,7 @@ import tensorflow as tf
 from translator import checkpoint as ckpt
 from translator import data as data_lib
 from translator.config import Config
-from translator.inference import Translator
+from translator.inference import Translator, decoding_options
 from translator.model import Seq2Seq
 from translator.tokenizer import PAD_ID, SentencePieceTokenizer, train_sentencepiece
 
@@ -259,18 +259,7 @@ def load_training_pairs(config: Config):
 
 
 def make_translator(model, source_tokenizer, target_tokenizer, config: Config) -> Translator:
-    d = config.decoding
-    return Translator(
-        model,
-        source_tokenizer,
-        target_tokenizer,
-        beam_size=d.beam_size,
-        length_penalty=d.length_penalty,
-        coverage_penalty=d.coverage_penalty,
-        max_length_ratio=d.max_length_ratio,
-        max_length_offset=d.max_length_offset,
-        batch_size=d.batch_size,
-    )
+    return Translator(model, source_tokenizer, target_tokenizer, **decoding_options(config))
 
 
 def bleu_chrf(hypotheses, references):

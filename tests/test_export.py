@@ -1,0 +1,206 @@
+"""The TF Serving export and the `.keras` import, checked in fresh processes."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TEXTS = ["one red cat", "big house", "", "two small dogs and a green tree"]
+
+
+def run_python(code, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_export_layout(tiny_export_dir):
+    names = sorted(p.name for p in tiny_export_dir.iterdir())
+    assert names == ["1", "config.yaml", "model.keras", "spm.model"]  # no temporary leftovers
+    version = tiny_export_dir / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+    assert oct(version.stat().st_mode & 0o055) != "0o0"  # readable by a server's user
+
+
+def test_savedmodel_in_a_fresh_process_equals_translator_load(tiny_export_dir):
+    """Only tensorflow and tensorflow_text are imported; outputs equal the Python API's."""
+    code = f"""
+import json, sys
+import tensorflow as tf, tensorflow_text
+model = tf.saved_model.load({str(tiny_export_dir / "1")!r})
+texts = tf.constant({TEXTS!r})
+out = model.signatures["translate"](
+    text=texts, beam_size=tf.constant(3), n_best=tf.constant(2),
+    length_penalty=tf.constant(0.6))
+default = model.signatures["serving_default"](text=texts)
+assert not any(m == "translator" or m.startswith("translator.") for m in sys.modules)
+print(json.dumps({{
+    "translations": [[t.decode() for t in row] for row in out["translations"].numpy()],
+    "scores": out["scores"].numpy().tolist(),
+    "target_tokens": [[t.decode() for t in row] for row in out["target_tokens"].numpy()[:, 0]],
+    "alignments": out["alignments"].numpy()[:, 0].tolist(),
+    "default": [t.decode() for t in default["translation"].numpy()],
+    "default_scores": default["score"].numpy().tolist(),
+}}))
+"""
+    served = json.loads(run_python(code).strip().splitlines()[-1])
+    from translator.inference import load
+
+    translator = load(tiny_export_dir)
+    results = translator.translate(
+        TEXTS, beam_size=3, n_best=2, length_penalty=0.6, return_alignment=True
+    )
+    assert served["translations"] == [[t for t, _ in r.n_best] for r in results]
+    np.testing.assert_allclose(
+        served["scores"], [[s for _, s in r.n_best] for r in results], rtol=1e-5, atol=1e-5
+    )
+    for row, result in zip(range(len(TEXTS)), results, strict=True):
+        tokens = [t for t in served["target_tokens"][row] if t]
+        assert tokens == result.target_tokens
+        alignment = np.array(served["alignments"][row])
+        t, s = result.alignment.shape
+        np.testing.assert_allclose(alignment[:t, :s], result.alignment, atol=1e-5)
+        assert not alignment[t:].any() and not alignment[:, s:].any()  # zero padding
+    defaults = translator.translate(TEXTS)  # the config's beam size and length penalty
+    assert served["default"] == [r.text for r in defaults]
+    np.testing.assert_allclose(served["default_scores"], [r.score for r in defaults], rtol=1e-5)
+
+
+def test_saved_model_cli_lists_both_signatures(tiny_export_dir):
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    proc = subprocess.run(
+        [str(cli), "show", "--dir", str(tiny_export_dir / "1"), "--all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    out = proc.stdout
+    signatures = {}
+    for block in out.split("signature_def['")[1:]:
+        name = block.split("'")[0]
+        signatures[name] = block
+    assert set(signatures) >= {"serving_default", "translate"}, out[-2000:]
+    default, translate = signatures["serving_default"], signatures["translate"]
+    for block, entries in (
+        (default, [("text", "DT_STRING", "(-1)"), ("translation", "DT_STRING", "(-1)"),
+                   ("score", "DT_FLOAT", "(-1)")]),
+        (translate, [("text", "DT_STRING", "(-1)"), ("beam_size", "DT_INT32", "()"),
+                     ("n_best", "DT_INT32", "()"), ("length_penalty", "DT_FLOAT", "()"),
+                     ("translations", "DT_STRING", "(-1, -1)"), ("scores", "DT_FLOAT", "(-1, -1)"),
+                     ("alignments", "DT_FLOAT", "(-1, -1, -1, -1)"),
+                     ("source_tokens", "DT_STRING", "(-1, -1)"),
+                     ("target_tokens", "DT_STRING", "(-1, -1, -1)")]),
+    ):  # fmt: skip
+        for name, dtype, shape in entries:
+            entry = block.split(f"['{name}'] tensor_info:")[1].split("name:")[0]
+            assert dtype in entry and f"shape: {shape}" in entry, (name, entry)
+
+
+def test_keras_file_loads_in_a_fresh_process_with_identical_logits(tiny_export_dir, tmp_path):
+    import keras
+
+    import translator
+
+    model = keras.saving.load_model(tiny_export_dir / "model.keras")
+    rng = np.random.default_rng(0)
+    inputs = {
+        "source_ids": rng.integers(4, model.source_vocab_size, (3, 7)).astype("int32"),
+        "target_in_ids": rng.integers(4, model.target_vocab_size, (3, 5)).astype("int32"),
+    }
+    inputs["source_ids"][1, 4:] = 0
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    expected = np.asarray(model(inputs))
+    code = f"""
+import numpy as np, keras
+import translator  # registers translator's Keras objects
+model = keras.saving.load_model({str(tiny_export_dir / "model.keras")!r})  # safe mode
+inputs = dict(np.load({str(tmp_path / "inputs.npz")!r}))
+np.save({str(tmp_path / "logits.npy")!r}, np.asarray(model(inputs)))
+t = translator.Translator.from_model(model)  # the tokenizers travel inside the .keras file
+print(t.translate("one red cat", beam_size=2).text)
+"""
+    printed = run_python(code).strip().splitlines()[-1:] or [""]
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), expected)
+    assert printed == [translator.load(tiny_export_dir).translate("one red cat", beam_size=2).text]
+    with zipfile.ZipFile(tiny_export_dir / "model.keras") as archive:
+        assert any(name.endswith(".model") for name in archive.namelist())  # SentencePiece asset
+
+
+def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, tmp_path):
+    from translator.export import export
+    from translator.inference import load
+
+    full = export(tiny_run_dir, tmp_path / "f32", weights_dtype="float32")
+    half = export(tiny_run_dir, tmp_path / "f16", weights_dtype="float16")
+
+    def size(path):
+        return sum(p.stat().st_size for p in (path / "variables").iterdir())
+
+    assert size(half) < 0.6 * size(full)
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(half))
+    out = loaded.signatures["serving_default"](text=tf.constant(TEXTS))
+    expected = load(tmp_path / "f16").translate(TEXTS)
+    assert [t.decode() for t in out["translation"].numpy()] == [r.text for r in expected]
+
+
+def test_versions_are_numbered_and_never_overwritten(tiny_run_dir, tmp_path):
+    from translator.export import ExportError, export
+
+    out = tmp_path / "m"
+    assert export(tiny_run_dir, out).name == "1"
+    assert export(tiny_run_dir, out).name == "2"
+    assert export(tiny_run_dir, out, version=7).name == "7"
+    with pytest.raises(ExportError, match="exists already"):
+        export(tiny_run_dir, out, version=2)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1", "2", "7"]
+
+
+def test_a_failed_export_leaves_no_version_behind(tiny_run_dir, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from translator.export import export
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export(tiny_run_dir, tmp_path / "m")
+    assert not [p for p in (tmp_path / "m").iterdir() if p.is_dir()]
+
+
+def test_clear_errors_for_missing_corrupt_and_foreign_models(tiny_export_dir, tmp_path):
+    import tensorflow as tf
+
+    from translator.export import ExportError, load_saved_model
+    from translator.inference import load
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (tiny_export_dir / "model.keras").read_bytes()
+    (broken / "model.keras").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot load .*broken/model\.keras"):
+        load(broken)
+    with pytest.raises(ExportError, match="no saved_model.pb and no version"):
+        load_saved_model(tmp_path)
+    foreign = tmp_path / "foreign"
+    module = tf.Module()
+    module.f = tf.function(lambda x: {"y": x + 1}, input_signature=[tf.TensorSpec([], tf.float32)])
+    tf.saved_model.save(module, str(foreign / "1"), signatures={"serving_default": module.f})
+    with pytest.raises(ExportError, match=r"lacks the signature\(s\) \['translate'\]"):
+        load_saved_model(foreign)
+    loaded, path = load_saved_model(tiny_export_dir)
+    assert path.name == "1" and "translate" in loaded.signatures

@@ -1,0 +1,330 @@
+"""`translator export`: a TF Serving SavedModel (raw English in, raw French out) and a `.keras` model.
+
+An export directory is what TF Serving watches, plus what Python users load:
+
+    saved_models/en-fr/
+      1/                  SavedModel, version 1: signatures `serving_default` and `translate`
+      2/                  ... each `translator export` adds the next version
+      model.keras         the Keras model, with its SentencePiece model(s) inside as assets
+      config.yaml         the resolved training config (decoding defaults come from it)
+      spm.model           the SentencePiece model (also inside both of the above)
+
+Everything in a version's graph is TensorFlow or TF Text: SentencePiece tokenization, the encoder,
+the batched beam search (`tf.while_loop`) and detokenization, so stock `tensorflow_model_server`
+serves it without Python. Beam size, n-best and length penalty are inputs of the `translate`
+signature, not constants of the trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from translator.inference import Translator
+
+log = logging.getLogger("translator.export")
+
+SIGNATURES = ("serving_default", "translate")
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or loaded; the message names the path and the problem."""
+
+
+class ServingModule(tf.Module):
+    """The `tf.Module` written as a SavedModel: a `Translator`'s graph behind two signatures.
+
+    Args:
+        translator: The `translator.inference.Translator` to export.
+        weights_dtype: How the weights are stored: `"float32"`, or `"float16"`/`"bfloat16"` to
+            halve the SavedModel. Stored weights are cast to float32 when the graph reads them,
+            so the computation stays float32.
+    """
+
+    def __init__(self, translator: Translator, weights_dtype: str = "float32"):
+        super().__init__(name="translator")
+        if weights_dtype not in WEIGHT_DTYPES:
+            raise ExportError(
+                f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}"
+            )
+        self._translator = translator
+        # The TF Text resources (the SentencePiece models travel as attributes of their ops).
+        self.tokenizers = [
+            translator.source_tokenizer._sentencepiece,
+            translator.target_tokenizer._sentencepiece,
+        ]
+        model_variables = list(translator.model.variables)
+        mapped = []
+        if weights_dtype == "float32":
+            self.model_variables = model_variables
+        else:
+            dtype = tf.as_dtype(weights_dtype)
+            self.model_variables = [v for v in model_variables if not _is_float(v)]
+            self.stored_weights = []
+            for v in model_variables:
+                if _is_float(v):
+                    stored = tf.Variable(
+                        tf.cast(v.value, dtype), trainable=False, name=v.path.replace("/", "__")
+                    )
+                    self.stored_weights.append(stored)
+                    mapped.append((v, stored))
+        # Not an attribute tf.Module would track (it tracks lists): the float32 variables must
+        # stay out of the SavedModel.
+        self._mapped = _Untracked(mapped)
+        self.beam_size = int(translator.beam_size)
+        self.length_penalty = float(translator.length_penalty)
+        self.coverage_penalty = float(translator.coverage_penalty)
+        self.serving_default = tf.function(
+            self._serving_default,
+            input_signature=[tf.TensorSpec([None], tf.string, name="text")],
+        )
+        self.translate = tf.function(
+            self._translate,
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="text"),
+                tf.TensorSpec([], tf.int32, name="beam_size"),
+                tf.TensorSpec([], tf.int32, name="n_best"),
+                tf.TensorSpec([], tf.float32, name="length_penalty"),
+            ],
+        )
+
+    def _run(self, text, beam_size, n_best, length_penalty):
+        run = lambda: self._translator._translate_graph(  # noqa: E731
+            text, beam_size, n_best, length_penalty, tf.constant(self.coverage_penalty)
+        )
+        if not self._mapped.value:
+            return run()
+        # Every read of a model variable inside this scope returns the stored weight cast back
+        # to the variable's dtype, so the float32 variables are never captured (nor saved).
+        mapping = [(v, tf.cast(stored, v.dtype)) for v, stored in self._mapped.value]
+        with keras.StatelessScope(state_mapping=mapping):
+            return run()
+
+    def _serving_default(self, text):
+        out = self._run(
+            text, tf.constant(self.beam_size), tf.constant(1), tf.constant(self.length_penalty)
+        )
+        return {"translation": out["translations"][:, 0], "score": out["scores"][:, 0]}
+
+    def _translate(self, text, beam_size, n_best, length_penalty):
+        out = self._run(text, beam_size, n_best, length_penalty)
+        translator = self._translator
+        source_lengths = out["source_lengths"]  # (B,), EOS included
+        target_lengths = out["lengths"]  # (B, N), EOS included when produced
+        source_tokens = translator.source_tokenizer.id_to_token(out["source_ids"])  # (B, S)
+        source_tokens = tf.where(
+            tf.sequence_mask(source_lengths, tf.shape(source_tokens)[1]), source_tokens, ""
+        )
+        target_tokens = translator.target_tokenizer.id_to_token(out["ids"])  # (B, N, T)
+        target_tokens = tf.where(
+            tf.sequence_mask(target_lengths, tf.shape(target_tokens)[2]), target_tokens, ""
+        )
+        return {
+            "translations": out["translations"],  # (B, N) string
+            "scores": out["scores"],  # (B, N) float32
+            "alignments": out["alignments"],  # (B, N, T, S) float32
+            "source_tokens": source_tokens,  # (B, S) string, "" on padding
+            "target_tokens": target_tokens,  # (B, N, T) string, "" on padding
+            "source_lengths": source_lengths,  # (B,) int32
+            "target_lengths": target_lengths,  # (B, N) int32
+        }
+
+
+class _Untracked:
+    def __init__(self, value):
+        self.value = value
+
+
+def _is_float(variable) -> bool:
+    return tf.as_dtype(variable.dtype).is_floating
+
+
+def next_version(out_dir: Path) -> int:
+    """1 + the largest integer subdirectory of `out_dir` (TF Serving's version folders), or 1."""
+    versions = [int(p.name) for p in out_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def round_weights(model, dtype: str) -> None:
+    """Rounds every float weight of `model` to `dtype` precision (the values stay float32).
+
+    After this, storing the weights in `dtype` loses nothing, so a float16 SavedModel and the
+    float32 `.keras` model compute exactly the same translations.
+    """
+    for v in model.variables:
+        if _is_float(v) and dtype != "float32":
+            v.assign(tf.cast(tf.cast(v.value, dtype), v.dtype))
+
+
+def with_tokenizers(translator: Translator) -> Translator:
+    """A copy of `translator` whose model carries the tokenizers (for a self-contained `.keras`)."""
+    model = translator.model
+    if model.source_tokenizer is not None and model.target_tokenizer is not None:
+        return translator
+    config = model.get_config()
+    config["source_tokenizer"] = translator.source_tokenizer
+    config["target_tokenizer"] = translator.target_tokenizer
+    clone = type(model).from_config(config)
+    clone.build()
+    clone.set_weights(model.get_weights())
+    return Translator.from_model(clone, **_options(translator))
+
+
+def _options(translator: Translator) -> dict:
+    return dict(
+        beam_size=translator.beam_size,
+        length_penalty=translator.length_penalty,
+        coverage_penalty=translator.coverage_penalty,
+        max_length_ratio=translator.max_length_ratio,
+        max_length_offset=translator.max_length_offset,
+        batch_size=translator.batch_size,
+        max_source_length=translator.max_source_length,
+    )
+
+
+def export_saved_model(
+    translator: Translator, out_dir, version: int | None = None, weights_dtype: str = "float32"
+) -> Path:
+    """Writes `translator` as SavedModel version `version` of `out_dir` and returns its path.
+
+    The SavedModel is written to a temporary directory inside `out_dir` and renamed to
+    `out_dir/<version>` only when complete, so TF Serving (which watches `out_dir` for integer
+    directories) never sees a half-written version.
+
+    Args:
+        translator: A `translator.inference.Translator`.
+        out_dir: The model's base directory (`model_base_path` for TF Serving).
+        version: Integer version; default: one more than the largest existing.
+        weights_dtype: `"float32"`, `"float16"` or `"bfloat16"`: the stored weights' type.
+
+    Raises:
+        ExportError: the version exists already, or `out_dir` is not writable.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    version = next_version(out_dir) if version is None else int(version)
+    if version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    final = out_dir / str(version)
+    if final.exists():
+        raise ExportError(
+            f"{final} exists already: TF Serving versions are immutable. Omit --version to write "
+            f"version {next_version(out_dir)}, or remove {final} first."
+        )
+    module = ServingModule(translator, weights_dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from a server run as another user
+    try:
+        tf.saved_model.save(
+            module,
+            str(tmp),
+            signatures={"serving_default": module.serving_default, "translate": module.translate},
+        )
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
+    return final
+
+
+def export(
+    model_path,
+    out_dir,
+    version: int | None = None,
+    weights_dtype: str = "float32",
+) -> Path:
+    """`translator export`: a run or model directory -> an export directory (see module docs).
+
+    Writes (atomically, file by file) `model.keras` carrying its tokenizers, `config.yaml` and
+    the SentencePiece model(s) into `out_dir`, then SavedModel version `version`. With
+    `weights_dtype="float16"`, weights are first rounded to float16 so that the `.keras` model
+    (float32 values) and the SavedModel (float16 storage) translate identically.
+
+    Returns:
+        The SavedModel version directory.
+    """
+    from translator.inference import load
+
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ExportError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-")
+        probe.close()
+    except OSError as e:
+        raise ExportError(f"cannot write to {out_dir}: {e}") from e
+    source_dir = model_path.parent if model_path.suffix == ".keras" else model_path
+    translator = with_tokenizers(load(model_path))
+    round_weights(translator.model, weights_dtype)
+    _save_keras(translator.model, out_dir / "model.keras")
+    if source_dir.resolve() != out_dir.resolve():
+        for name in ("config.yaml", "spm.model", "spm.source.model", "spm.target.model"):
+            if (source_dir / name).is_file():
+                _copy_atomic(source_dir / name, out_dir / name)
+    return export_saved_model(translator, out_dir, version, weights_dtype)
+
+
+def _save_keras(model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def load_saved_model(path):
+    """Loads an exported SavedModel (a version directory, or a base directory: latest version).
+
+    Only TensorFlow and TF Text are needed, as in TF Serving.
+
+    Returns:
+        `(loaded, version_dir)`; `loaded.signatures["translate"]` and `["serving_default"]`.
+
+    Raises:
+        ExportError: naming the directory and what is missing or wrong.
+    """
+    import tensorflow_text  # noqa: F401 - registers the SentencePiece ops
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path} does not exist or is not a directory (expected an export)")
+    if not (path / "saved_model.pb").is_file():
+        versions = sorted(
+            (int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
+            reverse=True,
+        )
+        if not versions:
+            raise ExportError(
+                f"{path} holds no saved_model.pb and no version directory (1/, 2/, ...): "
+                "write one with `translator export --model RUN --out DIR`"
+            )
+        path = path / str(versions[0])
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the directory named
+        raise ExportError(f"cannot load the SavedModel in {path}: {type(e).__name__}: {e}") from e
+    missing = [name for name in SIGNATURES if name not in loaded.signatures]
+    if missing:
+        raise ExportError(
+            f"the SavedModel in {path} lacks the signature(s) {missing} (it has "
+            f"{sorted(loaded.signatures)}): is it a translator export?"
+        )
+    return loaded, path
