@@ -1,0 +1,88 @@
+"""`translator translate` and `export` from the command line, and the attention plot."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def cli(*args, stdin=None, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "translator.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_translate_reads_stdin_in_order_and_keeps_empty_lines(tiny_export_dir):
+    from translator.inference import load
+
+    lines = ["one red cat", "", "big house", "   ", "two small dogs"] * 30  # > one batch
+    proc = cli("translate", "--model", str(tiny_export_dir), stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    results = load(tiny_export_dir).translate(["one red cat", "big house", "two small dogs"])
+    expected = dict(zip(["one red cat", "big house", "two small dogs"], results, strict=True))
+    for line, got in zip(lines, out, strict=False):
+        assert got == (expected[line].text if line.strip() else "")
+
+
+def test_translate_arguments_with_n_best_and_scores(tiny_export_dir):
+    proc = cli(
+        "translate", "--model", str(tiny_export_dir), "--beam-size", "3", "--n-best", "2",
+        "--scores", "one red cat", "big house",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = proc.stdout.rstrip("\n").split("\n")
+    assert len(rows) == 4  # two hypotheses for each of two sentences
+    scores = [float(row.split("\t")[0]) for row in rows]
+    assert scores[0] >= scores[1] and scores[2] >= scores[3]  # best first
+
+
+def test_translate_rejects_bad_options_with_a_clear_error(tiny_export_dir, tmp_path):
+    proc = cli("translate", "--model", str(tiny_export_dir), "--n-best", "4", "--beam-size", "2",
+               "hello")  # fmt: skip
+    assert proc.returncode == 2 and "n_best must be between 1 and beam_size" in proc.stderr
+    proc = cli("translate", "--model", str(tmp_path / "missing"), "hello")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_plot_attention_draws_a_labelled_heatmap(tiny_export_dir, tmp_path):
+    import matplotlib.image
+
+    path = tmp_path / "attention.png"
+    proc = cli("translate", "--model", str(tiny_export_dir), "--plot-attention", str(path),
+               "one red cat and a big green house")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 300
+    assert np.std(image[..., :3]) > 0.05  # not a blank canvas
+
+
+def test_plot_attention_checks_its_input(tmp_path):
+    from translator.inference import Translation
+    from translator.plotting import plot_attention
+
+    with pytest.raises(ValueError, match="return_alignment=True"):
+        plot_attention(Translation("x", 0.0), tmp_path / "a.png")
+    bad = Translation("x", 0.0, source_tokens=["a"], target_tokens=["b", "c"],
+                      alignment=np.ones((1, 1)))  # fmt: skip
+    with pytest.raises(ValueError, match="does not match"):
+        plot_attention(bad, tmp_path / "a.png")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_export_command_writes_a_version(tiny_run_dir, tmp_path):
+    proc = cli("export", "--model", str(tiny_run_dir), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "m" / "1" / "saved_model.pb").is_file()
+    proc = cli("export", "--model", str(tiny_run_dir), "--out", str(tmp_path / "m"),
+               "--version", "1")  # fmt: skip
+    assert proc.returncode == 2 and "exists already" in proc.stderr
