@@ -1,4 +1,11 @@
-"""Benchmark: how many training batches per second the tf.data pipeline delivers."""
+"""Benchmark: how many training batches per second the tf.data pipeline delivers.
+
+With `--config`, it also times the model of that config consuming the same batches (training
+steps, after an untimed warm-up) and prints pipeline rate / model rate: the pipeline must be at
+least 10x faster than the model, so the CPU spends its time in the model.
+
+    python bench/data.py --config configs/en_fr.yaml
+"""
 
 import argparse
 import os
@@ -48,7 +55,17 @@ def main(argv=None):
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--max-length", type=int, default=100)
     parser.add_argument("--batches", type=int, default=500)
+    parser.add_argument("--config", help="also time this config's model consuming the batches")
+    parser.add_argument("--model-steps", type=int, default=30)
     args = parser.parse_args(argv)
+    config = None
+    if args.config:
+        from translator.config import load_config
+
+        config = load_config(args.config)
+        args.batch_tokens = config.data.batch_tokens
+        args.max_length = config.data.max_length
+        args.vocab_size = config.tokenizer.vocab_size
 
     pairs = data.load_pairs(args.corpus, args.split, args.data_dir)
     spm_path = args.spm or os.path.join(tempfile.gettempdir(), "translator-bench-spm.model")
@@ -59,7 +76,12 @@ def main(argv=None):
 
     start = time.perf_counter()
     dataset = data.make_dataset(
-        pairs, tokenizer, tokenizer, batch_tokens=args.batch_tokens, max_length=args.max_length
+        pairs,
+        tokenizer,
+        tokenizer,
+        batch_tokens=args.batch_tokens,
+        max_length=args.max_length,
+        pad_to_bucket=bool(config and config.training.jit_compile),  # as `translator train`
     )
     build_seconds = time.perf_counter() - start
     rate = pipeline_batches_per_second(dataset, args.batches)
@@ -69,6 +91,29 @@ def main(argv=None):
         f"{rate:.1f} batches/s over {args.batches} batches "
         f"(tf {tf.__version__}, {os.cpu_count()} CPUs)"
     )
+    if config is not None:
+        model_rate = model_batches_per_second(config, dataset, tokenizer, args.model_steps)
+        print(
+            f"model of {args.config} consumes {model_rate:.2f} batches/s: the pipeline is "
+            f"{rate / model_rate:.0f}x faster than the model (target >= 10x)"
+        )
+
+
+def model_batches_per_second(config, dataset, tokenizer, steps, warmup=40):
+    """Training steps per second of `config`'s model on batches taken from `dataset`."""
+    from translator.training import build_model, compile_model, set_precision
+
+    set_precision(config.training.precision)
+    vocab = tokenizer.vocabulary_size()
+    model = build_model(config, vocab, vocab)
+    compile_model(model, config)
+    batches = list(dataset.take(warmup + steps))
+    for inputs, target_out, _ in batches[:warmup]:
+        model.train_on_batch(inputs, target_out)
+    start = time.perf_counter()
+    for inputs, target_out, _ in batches[warmup:]:
+        model.train_on_batch(inputs, target_out)
+    return steps / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

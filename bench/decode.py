@@ -1,0 +1,157 @@
+"""Decoding speed: sentences/s of greedy and beam-5 search, and single-sentence latency.
+
+Translates Multi30k test_2016_flickr (1,000 sentences) with a model directory, through the
+Python API (`translator.load`) and through the exported SavedModel (`translate` signature, the
+graph TF Serving runs), at batch sizes 1, 32 and 64. Prints sentences/s, the beam-5 / greedy
+cost ratio measured in this run (target: <= 2.5x at batch 64), and the median latency of one
+sentence at beam 5 (target: < 50 ms). The peers' figures, measured on this machine type with the
+21M-parameter `multi30k_lstm` architecture, are printed for context: OpenNMT-tf 2.32 beam 5 batch 32
+27.3 sentences/s in its runner, 21.6 through its SavedModel, 155 ms median latency; the TensorFlow
+NMT tutorial's export (5.3M parameters, greedy only) 230 sentences/s at batch 32, 25.5 ms latency.
+
+    python bench/decode.py --model saved_models/en-fr [--sentences 1000] [--latency 100]
+    python bench/decode.py --architecture configs/multi30k_lstm.yaml   # untrained, speed only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+PEERS = {
+    "OpenNMT-tf 2.32 runner, beam 5, batch 32": "27.3 sentences/s",
+    "OpenNMT-tf 2.32 SavedModel, beam 5, batch 32": "21.6 sentences/s, 155 ms median latency",
+    "TF NMT tutorial SavedModel, greedy, batch 32": "230 sentences/s, 25.5 ms median latency",
+}
+
+
+def load_sentences(n):
+    from translator import data
+
+    pairs = data.load_pairs("multi30k", "test_2016_flickr")
+    return [source for source, _ in pairs[:n]]
+
+
+def untrained_model_dir(config_path, out_dir):
+    """A model directory with the architecture of `config_path` and random weights."""
+    from pathlib import Path
+
+    from translator import data
+    from translator.config import load_config
+    from translator.export import export
+    from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from translator.training import build_model, save_model
+
+    config = load_config(config_path)
+    run = os.path.join(out_dir, "run")
+    os.makedirs(run, exist_ok=True)
+    sentences = [s for pair in data.load_pairs("multi30k", "train")[:20000] for s in pair]
+    spm_path = train_sentencepiece(
+        sentences, os.path.join(run, "spm.model"), config.tokenizer.vocab_size
+    )
+    vocab = SentencePieceTokenizer(model_path=str(spm_path)).vocabulary_size()
+    model = build_model(config, vocab, vocab)
+    save_model(model, Path(run) / "model.keras")
+    Path(run, "config.yaml").write_text(config.to_yaml())
+    export(run, os.path.join(out_dir, "export"))
+    return os.path.join(out_dir, "export")
+
+
+def sentences_per_second(fn, sentences, batch_size):
+    fn(sentences[:batch_size])  # warm-up (tracing, first-touch allocations)
+    start = time.perf_counter()
+    for i in range(0, len(sentences), batch_size):
+        fn(sentences[i : i + batch_size])
+    return len(sentences) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="model directory with model.keras and an export")
+    parser.add_argument("--architecture", help="config: time an untrained model of this shape")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--latency", type=int, default=100, help="sentences timed one by one")
+    parser.add_argument("--batch-sizes", default="1,32,64")
+    args = parser.parse_args()
+    if not (args.model or args.architecture):
+        parser.error("give --model DIR or --architecture CONFIG")
+
+    import tempfile
+
+    from translator.export import load_saved_model
+    from translator.inference import load
+
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = args.model or untrained_model_dir(args.architecture, tmp.name)
+    translator = load(model_dir)
+    loaded, version_dir = load_saved_model(model_dir)
+    signature = loaded.signatures["translate"]
+    params = translator.model.count_params()
+    sentences = load_sentences(args.sentences)
+    print(f"{model_dir}: {params / 1e6:.1f}M parameters, {len(sentences)} sentences, "
+          f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}")  # fmt: skip
+
+    def python_api(beam):
+        return lambda batch: translator.translate(batch, beam_size=beam)
+
+    def saved_model(beam):
+        args_ = dict(
+            beam_size=tf.constant(beam),
+            n_best=tf.constant(1),
+            length_penalty=tf.constant(float(translator.length_penalty)),
+        )
+        return lambda batch: signature(text=tf.constant(batch), **args_)["translations"].numpy()
+
+    rates = {}
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        # Batch 1 over all sentences takes long; a slice gives the same rate.
+        subset = sentences[: min(len(sentences), 200)] if batch_size == 1 else sentences
+        for path_name, make in (("SavedModel", saved_model), ("Python API", python_api)):
+            for beam in (1, 5):
+                rate = sentences_per_second(make(beam), subset, batch_size)
+                rates[path_name, beam, batch_size] = rate
+                name = "greedy" if beam == 1 else f"beam {beam}"
+                print(f"  {path_name:10s} {name:7s} batch {batch_size:3d}: "
+                      f"{rate:8.1f} sentences/s", flush=True)  # fmt: skip
+
+    one = saved_model(5)
+    one(sentences[:1])
+    latencies = []
+    for sentence in sentences[: args.latency]:
+        start = time.perf_counter()
+        one([sentence])
+        latencies.append(time.perf_counter() - start)
+    greedy_one = saved_model(1)
+    greedy_latencies = []
+    for sentence in sentences[: args.latency]:
+        start = time.perf_counter()
+        greedy_one([sentence])
+        greedy_latencies.append(time.perf_counter() - start)
+
+    print("\nsummary")
+    biggest = max(b for _, _, b in rates)
+    cost = rates["SavedModel", 1, biggest] / rates["SavedModel", 5, biggest]
+    print(f"  beam 5 costs {cost:.2f}x greedy at batch {biggest} (target <= 2.5x)")
+    print(f"  median single-sentence latency, SavedModel: beam 5 "
+          f"{statistics.median(latencies) * 1e3:.1f} ms (target < 50 ms), greedy "
+          f"{statistics.median(greedy_latencies) * 1e3:.1f} ms")  # fmt: skip
+    if ("SavedModel", 5, 32) in rates:
+        print(f"  SavedModel beam 5 batch 32: {rates['SavedModel', 5, 32]:.1f} sentences/s "
+              f"= {rates['SavedModel', 5, 32] / 21.6:.2f}x OpenNMT-tf's SavedModel figure "
+              "(meaningful for the multi30k_lstm architecture)")  # fmt: skip
+    print("  peers (measured on this machine type, for context):")
+    for name, figure in PEERS.items():
+        print(f"    {name}: {figure}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
