@@ -74,6 +74,26 @@ def cmd_translate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from translator.server import ServerSettings, serve
+
+    settings = ServerSettings(
+        model=args.model,
+        model_name=args.model_name,
+        backend=args.backend,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_text_chars=args.max_text_chars,
+        max_texts=args.max_texts,
+        max_body_bytes=args.max_body_bytes,
+        max_beam_size=args.max_beam_size,
+    )
+    return serve(
+        settings, host=args.host, port=args.port, workers=args.workers, access_log=args.access_log
+    )
+
+
 def _translate_lines(translator, lines, args, kwargs):
     todo = [i for i, line in enumerate(lines) if line.strip()]
     results = translator.translate([lines[i] for i in todo], **kwargs) if todo else []
@@ -143,6 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("text", nargs="*", help="sentences to translate (default: stdin, one per line)")
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser(
+        "serve",
+        help="REST service: /v1/translate and TF Serving's REST API (FastAPI on uvicorn)",
+        description="Serves the TF Serving export in-process (default), or forwards to a TF "
+        "Serving deployment with --backend. Docs at /docs once running.",
+    )
+    p.add_argument("--model", default="saved_models/en-fr", help="export directory")
+    p.add_argument("--model-name", help="model name in URLs (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1, help="processes, each with the model")
+    p.add_argument("--backend", metavar="URL", help="forward to TF Serving, e.g. http://host:8501")
+    p.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="wait to fill a batch (ms)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s")
+    p.add_argument("--max-text-chars", type=int, default=1000, help="characters per text")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit")
+    p.add_argument("--max-beam-size", type=int, default=16, help="largest beam_size accepted")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
