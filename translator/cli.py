@@ -21,9 +21,15 @@ def cmd_train(args) -> int:
     from translator.config import load_config
     from translator.training import train
 
-    config = load_config(args.config, args.set or [])
+    overrides = list(args.set or [])
+    if args.strategy:
+        overrides.append(f"training.strategy={args.strategy}")
+    config = load_config(args.config, overrides)
     run_dir = args.run_dir or os.path.join("runs", config.name)
     summary = train(config, run_dir, resume=args.resume)
+    if not summary["chief"]:
+        print(f"trained {summary['steps']} steps; the chief wrote the run directory {run_dir}")
+        return 0
     print(
         f"trained {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} min; "
         f"best validation BLEU {summary['best_val_bleu']}; model: {run_dir}/model.keras"
@@ -124,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key")
     p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "default", "mirrored", "multi_worker"],
+        help="tf.distribute strategy (default: training.strategy of the config); multi_worker "
+        "reads the cluster from TF_CONFIG",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model with sacreBLEU BLEU and chrF")

@@ -98,7 +98,14 @@ class TrainingConfig(_Section):
     jit_compile: bool = True
     # Checkpoints kept besides the best one.
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    # tf.distribute strategy: default (one device), mirrored (this machine's GPUs, or its logical
+    # CPU devices), multi_worker (the machines in $TF_CONFIG), or auto (multi_worker when TF_CONFIG
+    # names several tasks, else mirrored when there are several local devices, else default).
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "default"
+    # With N replicas a step takes one batch of data.batch_tokens per replica (N times the tokens)
+    # and the peak learning rate is multiplied by sqrt(N) (Adam's square-root rule), by N (the
+    # linear rule) or by 1 (none). Warmup, decay and max_steps still count optimizer steps.
+    learning_rate_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
 
 
 class DecodingConfig(_Section):

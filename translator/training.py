@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +35,9 @@ class MaskedCrossEntropy(keras.losses.Loss):
 
     `loss = -(1 - eps) log p(y) - eps/V sum_v log p(v)`, computed in float32 from logits, summed
     over tokens whose label is not PAD and divided by their count (a per-token mean, so long and
-    short batches weigh each token alike).
+    short batches weigh each token alike). Under a `tf.distribute` strategy with N replicas each
+    replica's mean is also divided by N, as Keras' own reductions do: the gradients, summed over
+    the replicas, are then those of the mean over replicas.
     """
 
     def __init__(self, label_smoothing=0.0, pad_id=PAD_ID, name="masked_cross_entropy", **kwargs):
@@ -50,7 +54,10 @@ class MaskedCrossEntropy(keras.losses.Loss):
                 log_probs, axis=-1
             )
         mask = tf.cast(tf.not_equal(y_true, self.pad_id), tf.float32)
-        return tf.reduce_sum(nll * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+        loss = tf.reduce_sum(nll * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        # `reduction=None` skips Keras' scaling for distribution (which fit() undoes for the logs).
+        return loss / replicas if replicas > 1 else loss
 
     def get_config(self):
         return {"label_smoothing": self.label_smoothing, "pad_id": self.pad_id, "name": self.name}
@@ -175,10 +182,22 @@ def build_model(config: Config, source_vocab_size: int, target_vocab_size: int) 
     return model
 
 
-def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
+def peak_learning_rate(config: Config, replicas: int = 1) -> float:
+    """`training.learning_rate` scaled for `replicas` by `training.learning_rate_scaling`.
+
+    With N replicas a step averages the gradients of N batches, each of `data.batch_tokens`
+    tokens, so the batch is N times larger: `sqrt` multiplies the peak rate by sqrt(N) (the
+    square-root rule suited to Adam), `linear` by N (the rule for SGD), `none` keeps it.
+    """
+    t = config.training
+    factor = {"none": 1.0, "sqrt": math.sqrt(replicas), "linear": float(replicas)}
+    return t.learning_rate * factor[t.learning_rate_scaling]
+
+
+def build_optimizer(config: Config, replicas: int = 1) -> keras.optimizers.Optimizer:
     t = config.training
     schedule = WarmupSchedule(
-        t.learning_rate,
+        peak_learning_rate(config, replicas),
         t.warmup_steps,
         t.decay,
         total_steps=t.max_steps,
@@ -187,9 +206,10 @@ def build_optimizer(config: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(schedule, global_clipnorm=t.clip_norm)
 
 
-def compile_model(model, config: Config):
+def compile_model(model, config: Config, replicas: int = 1):
+    """Compiles `model`; under a `tf.distribute` strategy call it inside `strategy.scope()`."""
     model.compile(
-        optimizer=build_optimizer(config),
+        optimizer=build_optimizer(config, replicas),
         loss=MaskedCrossEntropy(config.training.label_smoothing),
         metrics=[TokenAccuracy(), TargetTokens()],
         jit_compile=config.training.jit_compile,
@@ -223,8 +243,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_tokenizers(config: Config, train_pairs, run_dir: Path):
-    """Trains (or reuses, when the run already has them) the SentencePiece model(s)."""
+def prepare_tokenizers(config: Config, train_pairs, run_dir: Path, train_missing: bool = True):
+    """Trains (or reuses, when the run already has them) the SentencePiece model(s).
+
+    With `train_missing=False` (a multi-worker run's other workers, which read the chief's), a
+    missing model is an error instead.
+    """
     t = config.tokenizer
     kwargs = dict(
         vocab_size=t.vocab_size,
@@ -238,6 +262,7 @@ def prepare_tokenizers(config: Config, train_pairs, run_dir: Path):
     if t.joint:
         path = run_dir / "spm.model"
         if not path.exists():
+            _check_shared(path, train_missing)
             log.info("training a joint SentencePiece model (%d pieces)", t.vocab_size)
             train_sentencepiece(sources + targets, path, **kwargs)
         tokenizer = SentencePieceTokenizer(model_path=str(path))
@@ -246,10 +271,19 @@ def prepare_tokenizers(config: Config, train_pairs, run_dir: Path):
     for side, texts in (("source", sources), ("target", targets)):
         path = run_dir / f"spm.{side}.model"
         if not path.exists():
+            _check_shared(path, train_missing)
             log.info("training the %s SentencePiece model (%d pieces)", side, t.vocab_size)
             train_sentencepiece(texts, path, **kwargs)
         tokenizers.append(SentencePieceTokenizer(model_path=str(path)))
     return tuple(tokenizers)
+
+
+def _check_shared(path: Path, train_missing: bool) -> None:
+    if not train_missing:
+        raise FileNotFoundError(
+            f"{path} is missing: in a multi-worker run every worker reads the chief's run "
+            "directory, so --run-dir must be on storage all workers share (NFS, a shared volume)"
+        )
 
 
 def load_training_pairs(config: Config):
@@ -275,13 +309,164 @@ def bleu_chrf(hypotheses, references):
     return b, c, bleu.get_signature(), chrf.get_signature()
 
 
+# -- distribution ---------------------------------------------------------------------------
+
+
+def _tf_config_tasks() -> int:
+    """Number of training tasks (chief and workers) in `$TF_CONFIG`; 0 when it is not set."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"TF_CONFIG is not a JSON object with a 'cluster' ({e})") from None
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def _local_devices() -> list[str]:
+    """This machine's GPUs, else its (logical) CPU devices."""
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return [d.name for d in devices]
+
+
+def resolve_strategy(name: str) -> str:
+    """`training.strategy` with `auto` resolved.
+
+    `auto` is `multi_worker` when `TF_CONFIG` names several tasks, else `mirrored` when this
+    machine has several GPUs (or logical CPU devices), else `default`.
+    """
+    if name != "auto":
+        return name
+    if _tf_config_tasks() > 1:
+        return "multi_worker"
+    return "mirrored" if len(_local_devices()) > 1 else "default"
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The `tf.distribute` strategy named by `training.strategy`.
+
+    `default` is TensorFlow's default (one device, no distribution); `mirrored` is a
+    `MirroredStrategy` over this machine's GPUs, or over its logical CPU devices when it has no
+    GPU; `multi_worker` is a `MultiWorkerMirroredStrategy` over the cluster in the standard
+    `TF_CONFIG` environment variable (each worker's own devices are mirrored too); `auto` is
+    resolved by `resolve_strategy`.
+
+    Call it before TensorFlow runs anything: `MultiWorkerMirroredStrategy` configures the
+    runtime's collective ops, which must happen at program start-up.
+    """
+    name = resolve_strategy(name)
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(_local_devices())
+    if name != "multi_worker":
+        raise ValueError(f"unknown strategy {name!r}: auto, default, mirrored or multi_worker")
+    if _tf_config_tasks() == 0:
+        log.warning("strategy multi_worker without TF_CONFIG: training on this machine alone")
+    implementation = tf.distribute.experimental.CommunicationImplementation.AUTO  # RING on CPU
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation
+        )
+    )
+
+
+def _chief_decision(strategy: tf.distribute.Strategy):
+    """`decide(flag)`: the chief's `flag`, sent to every worker by an all-reduce.
+
+    In a multi-worker run only the chief validates and keeps the training progress, so it alone
+    decides when to stop; the others follow, so that all keep running the same collective ops.
+    Every worker must call `decide` at the same point (it is also a barrier).
+    """
+    chief = strategy.extended.should_checkpoint
+
+    @tf.function
+    def total(value):
+        local = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, local, axis=None)
+
+    def decide(flag: bool) -> bool:
+        return float(total(tf.constant(1.0 if flag and chief else 0.0))) > 0.0
+
+    return decide
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of the model's weights (workers of a run must agree on it)."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+class _WorkerBackup(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` for a multi-worker run on a shared run directory.
+
+    Every worker writes its backup (weights with the optimizer state, and the epoch) at the end
+    of every chunk, as the Keras callback does, into `write_dir`: the chief's is the run's
+    `backup/`, the other workers' go to their scratch directories, so all run the same code and
+    only the chief writes into the run directory. The backup is deleted when training ends; one
+    that exists at start-up marks an interrupted run, which every worker resumes from the
+    chief's backup in `read_dir`.
+
+    `train` restores it before building the data pipeline (where the data resumes depends on
+    the restored step), so `on_train_begin` does nothing. The step is read from the optimizer
+    state inside the weights file, so it matches the weights even if a worker died between
+    writing them and the epoch file; with `double_checkpoint`, a torn weights file falls back
+    to the previous backup.
+    """
+
+    def __init__(self, read_dir: Path, write_dir: Path):
+        super().__init__(str(write_dir), double_checkpoint=True)
+        self.read_dir = Path(read_dir)
+        self.write_dir = Path(write_dir)
+
+    def exists(self) -> bool:
+        return any((self.read_dir / name).is_file() for name in self._names())
+
+    @staticmethod
+    def _names():
+        return ("latest.weights.h5", "latest.weights.h5.bkp")
+
+    def restore(self, model) -> int:
+        """Loads the newest readable backup into `model`; returns its optimizer step."""
+        errors = []
+        for name in self._names():
+            path = self.read_dir / name
+            if not path.is_file():
+                continue
+            if not name.endswith(".weights.h5"):  # Keras loads only files named *.weights.h5
+                self.write_dir.mkdir(parents=True, exist_ok=True)
+                path = Path(shutil.copy(path, self.write_dir / "previous.weights.h5"))
+            try:
+                model.load_weights(path)
+            except (OSError, ValueError) as e:
+                log.warning("skipping unreadable backup %s (%s)", self.read_dir / name, e)
+                errors.append(f"{name}: {e}")
+                continue
+            return int(model.optimizer.iterations.numpy())
+        raise ckpt.CheckpointError(
+            f"no usable backup in {self.read_dir}:\n  "
+            + "\n  ".join(errors)
+            + "\nDelete it, then pass --resume to continue from the last checkpoint instead."
+        )
+
+    def on_train_begin(self, logs=None):
+        pass  # restored by `train` before the data pipeline was built
+
+
 # -- the training loop ----------------------------------------------------------------------
 
 
 class _Trainer(keras.callbacks.Callback):
-    """Checkpoints, validation BLEU, early stopping, TensorBoard scalars and time limits."""
+    """Checkpoints, validation BLEU, early stopping, TensorBoard scalars and time limits.
 
-    def __init__(self, run_dir, config, translator, validation, state, writer):
+    In a multi-worker run, `agree` sends the chief's decision to stop to every worker; the other
+    workers have no `translator` (only the chief validates) and write into scratch directories.
+    """
+
+    def __init__(self, run_dir, config, translator, validation, state, writer, agree=None):
         super().__init__()
         self.run_dir = run_dir
         self.config = config
@@ -289,6 +474,7 @@ class _Trainer(keras.callbacks.Callback):
         self.validation = validation
         self.state = state
         self.writer = writer
+        self.agree = agree
         self.chunk_start = time.time()
         self.train_start = time.time() - state.get("train_seconds", 0.0)
 
@@ -300,7 +486,7 @@ class _Trainer(keras.callbacks.Callback):
         logs = logs or {}
         seconds = time.time() - self.chunk_start
         step = int(self.model.optimizer.iterations.numpy())
-        tokens = float(logs.get("target_tokens", 0.0))
+        tokens = float(logs.get("target_tokens", 0.0))  # of all replicas
         lr = float(self.model.optimizer.learning_rate.numpy())
         record = {
             "step": step,
@@ -308,10 +494,11 @@ class _Trainer(keras.callbacks.Callback):
             "token_accuracy": float(logs.get("token_accuracy", float("nan"))),
             "learning_rate": lr,
             "tokens_per_second": tokens / max(seconds, 1e-9),
+            "steps_per_second": t.steps_per_checkpoint / max(seconds, 1e-9),
         }
         self.state["chunks"] = epoch + 1
         self.state["train_seconds"] = time.time() - self.train_start
-        if (epoch + 1) % t.validate_every == 0:
+        if (epoch + 1) % t.validate_every == 0 and self.translator is not None:
             bleu = self.validate()
             record["val_bleu"] = bleu
             if bleu > self.state.get("best_bleu", -1.0):
@@ -345,13 +532,19 @@ class _Trainer(keras.callbacks.Callback):
             f", validation BLEU {record['val_bleu']:.2f}" if "val_bleu" in record else "",
             path.name,
         )
-        if t.early_stopping_patience and self.state.get("stale", 0) >= t.early_stopping_patience:
-            log.info(
-                "early stopping: no validation BLEU gain in %d validations", self.state["stale"]
-            )
-            self.model.stop_training = True
-        if t.time_limit_minutes and self.state["train_seconds"] >= t.time_limit_minutes * 60:
+        stop = False
+        chief = self.translator is not None  # the other workers follow the chief's decision
+        stale = self.state.get("stale", 0)
+        if chief and t.early_stopping_patience and stale >= t.early_stopping_patience:
+            log.info("early stopping: no validation BLEU gain in %d validations", stale)
+            stop = True
+        seconds = self.state["train_seconds"]
+        if chief and t.time_limit_minutes and seconds >= t.time_limit_minutes * 60:
             log.info("time limit of %.1f minutes reached", t.time_limit_minutes)
+            stop = True
+        if self.agree is not None:
+            stop = self.agree(stop)
+        if stop:
             self.model.stop_training = True
 
     def validate(self) -> float:
@@ -367,46 +560,116 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
     The run directory receives `config.yaml` (resolved), the SentencePiece model(s),
     `checkpoints/`, TensorBoard logs in `logs/`, and at the end `model.keras` holding the best
     checkpoint's weights.
+
+    Under a `tf.distribute` strategy (`training.strategy`, see `make_strategy`) each replica
+    trains on batches of `data.batch_tokens` and each worker reads its own share of the pairs.
+    In a multi-worker run only the chief writes into the run directory (the other workers write
+    the same files into a scratch directory deleted at the end), every worker reads the chief's
+    tokenizer, checkpoints and backup from it, so it must be on shared storage, and a run whose
+    workers were killed resumes from its backup when they are restarted with the same
+    `TF_CONFIG`.
     """
+    # First of all: MultiWorkerMirroredStrategy sets up the runtime before anything runs.
+    strategy = make_strategy(config.training.strategy)
     run_dir = Path(run_dir)
-    check_run_dir(run_dir)
+    if strategy.extended.should_checkpoint:
+        return _train(config, strategy, run_dir, run_dir, resume)
+    resolver = strategy.cluster_resolver
+    scratch = Path(tempfile.mkdtemp(prefix=f"translator-{resolver.task_type}{resolver.task_id}-"))
+    try:
+        return _train(config, strategy, run_dir, scratch, resume)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict:
+    """`train` with `strategy`: reads the run from `run_dir`, writes it to `out_dir`."""
+    chief = out_dir == run_dir
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    distributed = multi_worker or isinstance(strategy, tf.distribute.MirroredStrategy)
+    replicas = strategy.num_replicas_in_sync
+    check_run_dir(out_dir)
     checkpoints = run_dir / "checkpoints"
-    if ckpt.list_checkpoints(checkpoints) and not resume:
+    backup = _WorkerBackup(run_dir / "backup", out_dir / "backup") if multi_worker else None
+    interrupted = backup is not None and backup.exists()
+    if ckpt.list_checkpoints(checkpoints) and not (resume or interrupted):
         raise FileExistsError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
             "a new --run-dir"
         )
-    _atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    if distributed and config.training.jit_compile:
+        # Keras compiles the whole step, all-reduce included: XLA can neither place one program
+        # on several devices nor (yet) compile collectives on CPU.
+        log.info("XLA is off under a distribution strategy (training.jit_compile ignored)")
+        config = config.model_copy(deep=True)
+        config.training.jit_compile = False
+    _atomic_write_text(out_dir / "config.yaml", config.to_yaml())
     t = config.training
     keras.utils.set_random_seed(t.seed)
     precision = set_precision(t.precision)
     log.info("precision %s, XLA %s", precision, t.jit_compile)
+    if distributed:
+        log.info(
+            "%s: %d replicas%s; a step takes %d batches of %d tokens; peak learning rate %g",
+            "MultiWorkerMirroredStrategy" if multi_worker else "MirroredStrategy",
+            replicas,
+            f" (this worker is {'the chief' if chief else 'not the chief'})"
+            if multi_worker
+            else "",
+            replicas,
+            config.data.batch_tokens,
+            peak_learning_rate(config, replicas),
+        )
 
+    chief_decides = _chief_decision(strategy) if multi_worker else None
     train_pairs = load_training_pairs(config)
-    source_tok, target_tok = prepare_tokenizers(config, train_pairs, run_dir)
-    dataset = data_lib.make_dataset(
-        train_pairs,
-        source_tok,
-        target_tok,
-        batch_tokens=config.data.batch_tokens,
-        max_length=config.data.max_length,
-        shuffle=True,
-        seed=t.seed,
-        repeat=True,
-        pad_to_bucket=t.jit_compile,  # one XLA program per bucket, not per batch shape
-    ).map(lambda inputs, target_out, _: (inputs, target_out))  # the loss masks PAD itself
-    validation = data_lib.load_references(
-        config.data.validation_corpus, config.data.validation_split, data_dir=config.data.data_dir
-    )
-    if config.data.validation_size:
-        validation = validation[: config.data.validation_size]
-    validation = ([s for s, _ in validation], [r for _, r in validation])
+    if chief:
+        source_tok, target_tok = prepare_tokenizers(config, train_pairs, run_dir)
+    if multi_worker:
+        chief_decides(False)  # a barrier: the chief's tokenizer is written
+    if not chief:
+        source_tok, target_tok = prepare_tokenizers(
+            config, train_pairs, run_dir, train_missing=False
+        )
 
-    model = build_model(config, source_tok.vocabulary_size(), target_tok.vocabulary_size())
-    compile_model(model, config)
-    model.optimizer.build(model.trainable_variables)
+    def training_batches(pairs):
+        return data_lib.make_dataset(
+            pairs,
+            source_tok,
+            target_tok,
+            batch_tokens=config.data.batch_tokens,
+            max_length=config.data.max_length,
+            shuffle=True,
+            seed=t.seed,
+            repeat=True,
+            pad_to_bucket=t.jit_compile,  # one XLA program per bucket, not per batch shape
+        ).map(lambda inputs, target_out, _: (inputs, target_out))  # the loss masks PAD itself
+
+    if not distributed:
+        dataset = training_batches(train_pairs)
+    validation = None
+    if chief:
+        validation = data_lib.load_references(
+            config.data.validation_corpus,
+            config.data.validation_split,
+            data_dir=config.data.data_dir,
+        )
+        if config.data.validation_size:
+            validation = validation[: config.data.validation_size]
+        validation = ([s for s, _ in validation], [r for _, r in validation])
+
+    with strategy.scope():  # model, optimizer and metrics variables are created distributed
+        model = build_model(config, source_tok.vocabulary_size(), target_tok.vocabulary_size())
+        compile_model(model, config, replicas)
+        model.optimizer.build(model.trainable_variables)
+        if distributed:
+            _prepare_distributed_fit(model, multi_worker)
     state: dict = {}
-    if resume:
+    if interrupted:
+        step = backup.restore(model)
+        state = _progress_at(checkpoints, step, t.steps_per_checkpoint)
+        log.info("resumed the interrupted run from its backup (step %d)", step)
+    elif resume:
         path, restored = ckpt.restore_latest(checkpoints, model, model.optimizer)
         if path is not None:
             state = restored
@@ -422,15 +685,19 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
     done_chunks = state.get("chunks", 0)
     # The data order is a pure function of the seed: skipping the batches already consumed
     # continues a resumed run on exactly the batches it would have seen.
-    stream = dataset.skip(step).prefetch(tf.data.AUTOTUNE)
-    writer = tf.summary.create_file_writer(str(run_dir / "logs"))
+    if distributed:
+        stream = _distributed_batches(strategy, training_batches, train_pairs, step)
+    else:
+        stream = dataset.skip(step).prefetch(tf.data.AUTOTUNE)
+    writer = tf.summary.create_file_writer(str(out_dir / "logs"))
     trainer = _Trainer(
-        run_dir,
+        out_dir,
         config,
-        make_translator(model, source_tok, target_tok, config),
+        make_translator(model, source_tok, target_tok, config) if chief else None,
         validation,
         state,
         writer,
+        agree=chief_decides,
     )
     start = time.time()
     if done_chunks < total_chunks:
@@ -439,16 +706,15 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
             epochs=total_chunks,
             initial_epoch=done_chunks,
             steps_per_epoch=chunk,
-            callbacks=[trainer],
+            callbacks=[trainer, backup] if backup else [trainer],
             verbose=1 if os.environ.get("TRANSLATOR_QUIET") != "1" else 0,
         )
     elapsed = time.time() - start
     steps = int(model.optimizer.iterations.numpy())
+    if multi_worker:
+        log.info("trained to step %d; weights sha256 %s", steps, weights_digest(model))
 
     best_step = state.get("best_step")
-    if best_step is not None:
-        ckpt.restore_checkpoint(checkpoints / f"ckpt-{best_step:08d}", model, None)
-    save_model(model, run_dir / "model.keras")
     summary = {
         "steps": steps,
         "train_seconds": state.get("train_seconds", elapsed),
@@ -457,9 +723,65 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
         "parameters": int(model.count_params()),
         "precision": precision,
         "run_dir": str(run_dir),
+        "chief": chief,
     }
+    if not chief:
+        return summary
+    if best_step is not None:
+        ckpt.restore_checkpoint(checkpoints / f"ckpt-{best_step:08d}", model, None)
+    save_model(model, run_dir / "model.keras")
     _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _prepare_distributed_fit(model, multi_worker: bool) -> None:
+    """Works around two Keras 3 bugs of `fit()` under a `tf.distribute` strategy.
+
+    1. `fit()` pulls a batch and all-reduces it to build the compiled loss and metrics
+       symbolically; that fails for dict inputs (keras-team/keras#20329) and for replicas whose
+       batches differ in shape, as token-bucketed ones do. The model is built already, so its
+       input signature is all the build needs: it is done here and `fit()`'s is skipped.
+    2. Under `MultiWorkerMirroredStrategy` the per-step logs are averaged with
+       `reduce("MEAN", axis=0)`, which fails on scalars (tensorflow/tensorflow#72388): each
+       replica's are given a length-1 axis. (The epoch's logs, which the checkpoints record,
+       come from the metrics themselves, summed over all replicas.)
+    """
+    ids = tf.TensorSpec([None, None], tf.int32)
+    model._symbolic_build(data_batch=({"source_ids": ids, "target_in_ids": ids}, ids))
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if multi_worker:
+        train_step = model.train_step
+
+        def train_step_with_axis(data):
+            return tf.nest.map_structure(lambda v: tf.reshape(v, [1]), train_step(data))
+
+        model.train_step = train_step_with_axis
+
+
+def _distributed_batches(strategy, training_batches, pairs, step: int):
+    """The training stream of a distributed run, resumed after `step` optimizer steps.
+
+    One input pipeline per worker reads its own share of `pairs` (every n-th pair, so no pair
+    is read twice in an epoch) and hands one batch of `data.batch_tokens` to each local
+    replica in turn; a step therefore takes as many batches from it as there are local
+    replicas.
+    """
+
+    def dataset_fn(context: tf.distribute.InputContext):
+        share = pairs[context.input_pipeline_id :: context.num_input_pipelines]
+        local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        return training_batches(share).skip(step * local_replicas).prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _progress_at(checkpoints: Path, step: int, chunk: int) -> dict:
+    """The training progress (history, best BLEU...) of the chief's checkpoint at `step`."""
+    try:
+        return ckpt.verify_checkpoint(checkpoints / f"ckpt-{step:08d}")
+    except ckpt.CheckpointError as e:
+        log.warning("%s; resuming at step %d without the earlier history", e, step)
+        return {"step": step, "chunks": step // chunk}
 
 
 def save_model(model: Seq2Seq, path: Path) -> None:
