@@ -34,7 +34,9 @@ from tfserving_stub import TFServingStub
 from translator.server import (
     ApiError,
     Backend,
+    BackendError,
     MicroBatcher,
+    ModelInputError,
     RemoteBackend,
     SavedModelBackend,
     ServerSettings,
@@ -309,6 +311,9 @@ BAD = [
     ("predict-too-many", "POST", P, dict(json={"instances": ["a"] * 65}), 400, "64"),
     ("predict-too-long", "POST", P, dict(json={"instances": ["a" * 1001]}), 400, "1000"),
     ("predict-lone-surrogate", "POST", P, dict(content=b'{"instances": ["\\udfff"]}', headers=JSON), 400, "surrogate"),
+    ("predict-surrogate-signature", "POST", P, dict(content=b'{"signature_name": "\\ud800", "instances": ["a"]}', headers=JSON), 400, "not found"),
+    ("predict-4301-digit-int", "POST", P, dict(content=b'{"instances": [' + b"9" * 4301 + b"]}", headers=JSON), 400, "JSON Parse error"),
+    ("predict-overflowing-float", "POST", P, dict(content=b'{"signature_name": "translate", "inputs": {"text": ["a"], "beam_size": 2, "n_best": 1, "length_penalty": 1' + b"0" * 400 + b"}}", headers=JSON), 400, "length_penalty"),
 ]  # fmt: skip
 
 
@@ -346,7 +351,7 @@ def _echo(calls, delay=0.01, poison=None):
     def run(signature, version, texts, scalars):
         calls.append((signature, tuple(texts), tuple(sorted(scalars.items()))))
         if poison is not None and poison in texts:
-            raise ValueError("poisoned")
+            raise ModelInputError("poisoned")
         time.sleep(delay)
         return {"echo": np.array(texts, dtype=object), "row": np.arange(len(texts))}
 
@@ -390,7 +395,37 @@ def test_micro_batcher_isolates_a_failing_request_and_sheds_load():
 
     results = asyncio.run(main())
     assert list(results[0]["echo"]) == ["a"] and list(results[2]["echo"]) == ["c"]
-    assert isinstance(results[1], ValueError)
+    assert isinstance(results[1], ModelInputError)
+
+    # A failure that is not about one request's input (the backend is down) fails the whole
+    # batch at once, without one retry per request; the worker keeps serving afterwards.
+    calls = []
+
+    def down(signature, version, texts, scalars):
+        calls.append(tuple(texts))
+        if "x" in texts:
+            raise BackendError(502, "TF Serving is unreachable")
+        return {"echo": np.array(texts, dtype=object)}
+
+    def short(signature, version, texts, scalars):
+        return {"echo": np.array(texts[:1], dtype=object)}  # a backend that drops rows
+
+    async def outage(run, texts):
+        batcher = MicroBatcher(run, max_batch_size=16, max_wait=0.05)
+        batcher.start()
+        results = await asyncio.gather(
+            *[batcher.submit("s", None, [t], {}) for t in texts], return_exceptions=True
+        )
+        after = await batcher.submit("s", None, ["ok"], {})
+        await batcher.stop()
+        return results, after
+
+    results, after = asyncio.run(outage(down, ["x", "y", "z"]))
+    assert all(isinstance(r, BackendError) and r.status == 502 for r in results), results
+    assert calls == [("x", "y", "z"), ("ok",)] and list(after["echo"]) == ["ok"]
+    results, after = asyncio.run(outage(short, ["a", "b"]))
+    assert all(isinstance(r, BackendError) and "rows" in r.message for r in results), results
+    assert list(after["echo"]) == ["ok"]
 
     release = threading.Event()
 

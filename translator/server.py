@@ -150,7 +150,20 @@ def _error_response(status: int, message: str, details=None, headers=None) -> JS
     body: dict[str, Any] = {"error": message}
     if details:
         body["details"] = details
+    # Error messages echo parts of the request, which may hold lone surrogates ("\ud800" is valid
+    # JSON but not encodable as UTF-8): escape them rather than fail while reporting an error.
+    body = _escape_surrogates(body)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _escape_surrogates(value):
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_surrogates(v) for v in value]
+    return value
 
 
 # -- signatures --------------------------------------------------------------------------------
@@ -665,7 +678,7 @@ class MicroBatcher:
 
     async def submit(self, signature: str, version, texts: list[str], scalars: dict) -> dict:
         """Queues one request and returns its rows of the outputs."""
-        if self._task is None:
+        if self._task is None or self._task.done():
             raise ApiError(503, "the model worker is not running")
         if len(self._items) >= self.max_queue:
             self.metrics.rejected_overload += 1
@@ -715,7 +728,13 @@ class MicroBatcher:
                         pass
             batch = [item for item in batch if not item.future.done()]  # drop cancelled ones
             if batch:
-                await self._run_batch(loop, batch)
+                try:
+                    await self._run_batch(loop, batch)
+                except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
+                    log.exception("model batch failed")
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(e)
 
     async def _run_batch(self, loop, batch: list[_Item]) -> None:
         signature, version, scalars = batch[0].key
@@ -726,13 +745,26 @@ class MicroBatcher:
                 self.executor, self._run, signature, version, texts, dict(scalars)
             )
         except Exception as e:  # noqa: BLE001 - handed to the waiting requests
-            if len(batch) > 1:  # find the culprit: every request alone
+            if len(batch) > 1 and isinstance(e, ModelInputError):
+                # One request's input broke the merged call: find it, every request alone.
                 for item in batch:
                     await self._run_batch(loop, [item])
                 return
+            # Anything else (the backend is down, a timeout) would fail every request alike.
             self.metrics.model_errors += 1
-            if not batch[0].future.done():
-                batch[0].future.set_exception(e)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in outputs.items()}
+        if any(n is not None and n != len(texts) for n in rows.values()):
+            self.metrics.model_errors += 1
+            error = BackendError(
+                502, f"the model returned {rows} rows for {len(texts)} texts: outputs do not match"
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
             return
         self.metrics.observe_batch(len(texts), len(batch), time.perf_counter() - started)
         start = 0
@@ -1010,9 +1042,13 @@ def _scalar_value(value, name: str, dtype: str, where: str):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ApiError(400, f"{where}: JSON value {_short(value)} is not of expected type: {dtype}")
-    if not math.isfinite(float(value)):
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ApiError(400, f"{where}: {_short(value)} is out of the range of {dtype}") from None
+    if not math.isfinite(number):
         raise ApiError(400, f"{where}: must be a finite number, got {value}")
-    return float(value)
+    return number
 
 
 def _check_decoding(scalars: dict, limits: ServerSettings, where: str) -> None:
@@ -1195,6 +1231,8 @@ class JSONBodyRoute(APIRoute):
                     ) from e
                 except RecursionError as e:
                     raise ApiError(400, "JSON Parse error: nested too deeply") from e
+                except ValueError as e:  # e.g. an integer longer than Python's 4,300 digits
+                    raise ApiError(400, f"JSON Parse error: {e}") from e
                 if not isinstance(parsed, dict):
                     raise ApiError(400, "the request body must be a JSON object")
                 request._json = parsed  # what FastAPI's request.json() returns
