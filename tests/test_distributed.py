@@ -7,6 +7,7 @@ TensorFlow starts) writing its output to a file, and is killed if it outlives it
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -214,6 +215,8 @@ def test_killed_worker_restarted_with_the_same_tf_config_resumes(corpus, two_wor
         kill_all(procs)
     assert chief_code not in (0, -signal.SIGKILL)  # it failed by itself, not killed by us
     assert not (run_dir / "model.keras").exists()
+    stale = tmp_path / "stale"
+    shutil.copytree(run_dir, stale)  # the interrupted run, backup included, for the end
 
     again = [tmp_path / "worker0.again.log", tmp_path / "worker1.again.log"]
     codes = wait_all(start_workers(corpus, run_dir, ports, again))
@@ -230,3 +233,24 @@ def test_killed_worker_restarted_with_the_same_tf_config_resumes(corpus, two_wor
     got = [h["loss"] for h in history(run_dir)]
     assert len(got) == len(expected) == 4
     np.testing.assert_allclose(got, expected, rtol=2e-3)
+
+    # The same interrupted run continued instead with --resume on one device (which leaves the
+    # multi-worker backup alone) and then relaunched multi-worker: the newer checkpoint wins
+    # over the stale backup, and the run goes on from it.
+    log = tmp_path / "stale.resume.log"
+    code = wait_all([start([*train_args(corpus, stale), "--resume"], log)])
+    assert code == [0], log.read_text()[-3000:]
+    assert (stale / "backup").exists()
+    steps = len(history(stale))
+    log = tmp_path / "stale.multi.log"
+    args = [
+        *train_args(corpus, stale, **{"training.max_steps": "60"}),
+        "--strategy",
+        "multi_worker",
+    ]
+    code = wait_all([start(args, log)])
+    assert code == [0], log.read_text()[-3000:]
+    assert "ignoring the backup of step" in log.read_text()
+    assert "ckpt-00000040 is newer" in log.read_text()
+    assert len(history(stale)) == steps + 2  # two more chunks of 10 steps after step 40
+    assert not (stale / "backup").exists()

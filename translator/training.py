@@ -359,7 +359,15 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(_local_devices())
+        devices = _local_devices()
+        if len(devices) == 1:
+            log.warning(
+                "strategy mirrored on one device (%s): one replica, no speed-up, and XLA is off "
+                "under distribution; use `default`, or declare logical CPUs with "
+                "tf.config.set_logical_device_configuration before training",
+                devices[0],
+            )
+        return tf.distribute.MirroredStrategy(devices)
     if name != "multi_worker":
         raise ValueError(f"unknown strategy {name!r}: auto, default, mirrored or multi_worker")
     if _tf_config_tasks() == 0:
@@ -667,9 +675,19 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
     state: dict = {}
     if interrupted:
         step = backup.restore(model)
-        state = _progress_at(checkpoints, step, t.steps_per_checkpoint)
-        log.info("resumed the interrupted run from its backup (step %d)", step)
-    elif resume:
+        newest = ckpt.list_checkpoints(checkpoints)
+        newest_step = int(newest[-1].name.split("-")[1]) if newest else -1
+        if newest_step > step:
+            # The run went on after the backup was written (e.g. `--resume` with another
+            # strategy): the newer checkpoint wins, and the stale backup is not used again.
+            log.warning(
+                "ignoring the backup of step %d: checkpoint %s is newer", step, newest[-1].name
+            )
+            interrupted, resume = False, True
+        else:
+            state = _progress_at(checkpoints, step, t.steps_per_checkpoint)
+            log.info("resumed the interrupted run from its backup (step %d)", step)
+    if resume and not interrupted:
         path, restored = ckpt.restore_latest(checkpoints, model, model.optimizer)
         if path is not None:
             state = restored
