@@ -732,9 +732,7 @@ class MicroBatcher:
                     await self._run_batch(loop, batch)
                 except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
                     log.exception("model batch failed")
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(e)
+                    _fail(batch, e)
 
     async def _run_batch(self, loop, batch: list[_Item]) -> None:
         signature, version, scalars = batch[0].key
@@ -752,19 +750,13 @@ class MicroBatcher:
                 return
             # Anything else (the backend is down, a timeout) would fail every request alike.
             self.metrics.model_errors += 1
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
+            _fail(batch, e)
             return
         rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in outputs.items()}
         if any(n is not None and n != len(texts) for n in rows.values()):
             self.metrics.model_errors += 1
-            error = BackendError(
-                502, f"the model returned {rows} rows for {len(texts)} texts: outputs do not match"
-            )
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            message = f"the model returned {rows} rows for {len(texts)} texts: outputs do not match"
+            _fail(batch, BackendError(502, message))
             return
         self.metrics.observe_batch(len(texts), len(batch), time.perf_counter() - started)
         start = 0
@@ -773,6 +765,13 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(_trim({k: v[start:stop] for k, v in outputs.items()}))
             start = stop
+
+
+def _fail(batch: list[_Item], error: Exception) -> None:
+    """Hands `error` to every request of `batch` still waiting."""
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 def _trim(outputs: dict) -> dict:
