@@ -52,6 +52,21 @@ def test_translate_rejects_bad_options_with_a_clear_error(tiny_export_dir, tmp_p
     assert proc.returncode == 2 and "n_best must be between 1 and beam_size" in proc.stderr
     proc = cli("translate", "--model", str(tmp_path / "missing"), "hello")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = cli("translate", "--model", str(tiny_export_dir), "--early-stopping", "never", "hi")
+    assert proc.returncode == 2 and "invalid choice: 'never'" in proc.stderr
+
+
+def test_early_stopping_is_a_translator_option(tiny_export_dir):
+    from translator.inference import load
+
+    texts = ["one red cat", "big house", "two small dogs"]
+    exact = load(tiny_export_dir, early_stopping="exact").translate(texts, length_penalty=0.0)
+    heuristic = load(tiny_export_dir).translate(texts, length_penalty=0.0)
+    assert load(tiny_export_dir).early_stopping == "heuristic"  # the config default
+    # Without a length penalty both rules stop at the same step (test_decoding shows the rest).
+    assert [r.n_best for r in heuristic] == [r.n_best for r in exact]
+    with pytest.raises(ValueError, match="early_stopping must be one of exact, heuristic"):
+        load(tiny_export_dir, early_stopping="never")
 
 
 def test_plot_attention_draws_a_labelled_heatmap(tiny_export_dir, tmp_path):

@@ -45,6 +45,8 @@ def test_wrong_type_and_out_of_range_values(tmp_path):
         load_config(None, ["model.dropout=1.5"])
     with pytest.raises(ConfigError, match=r"model.cell_type.*'lstm' or 'gru'.*'rnn'"):
         load_config(None, ["model.cell_type=rnn"])
+    with pytest.raises(ConfigError, match=r"decoding.early_stopping.*'heuristic' or 'exact'"):
+        load_config(None, ["decoding.early_stopping=never"])
 
 
 def test_inconsistent_settings_are_explained():

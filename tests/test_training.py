@@ -139,6 +139,34 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, t
         ckpt.restore_latest(checkpoints, model, model.optimizer)
 
 
+def test_average_checkpoints_is_the_mean_of_their_weights(uninterrupted, tmp_path):
+    import keras
+
+    from translator.inference import load
+    from translator.training import average_checkpoints
+
+    run_dir, _ = uninterrupted
+    paths = ckpt.list_checkpoints(run_dir / "checkpoints")[-2:]
+    out = average_checkpoints(run_dir, 2, tmp_path / "avg")
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    expected = []
+    for path in paths:
+        model.load_weights(path / "model.weights.h5")
+        expected.append(model.get_weights())
+    averaged = keras.saving.load_model(out / "model.keras", compile=False).get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(*expected, strict=True))  # they differ
+    for got, a, b in zip(averaged, *expected, strict=True):
+        np.testing.assert_allclose(got, (a.astype(np.float64) + b) / 2, rtol=1e-6, atol=1e-7)
+    record = json.loads((out / "average.json").read_text())
+    assert [c["name"] for c in record["checkpoints"]] == [p.name for p in paths]
+    assert load(out).translate(["one red cat"])[0].text == load(out).translate("one red cat").text
+
+    proc = run_cli(["average", "--run-dir", str(run_dir), "--last", "99"])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "fewer than --last 99" in output, output
+    assert not (run_dir / "averaged-99").exists()
+
+
 def test_unwritable_run_dir_fails_before_training(tmp_path, corpus):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -1,4 +1,4 @@
-"""`translator train | evaluate | translate | export | serve`: parse arguments, load the config, call one function."""
+"""`translator train | average | evaluate | translate | export | serve`: parse arguments, load the config, call one function."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from translator.training import average_checkpoints
+
+    out = average_checkpoints(args.run_dir, args.last, args.out)
+    print(f"averaged the last {args.last} checkpoints of {args.run_dir} into {out}/model.keras")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from translator.evaluation import evaluate_cli
 
@@ -51,10 +59,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def add_early_stopping_argument(parser) -> None:
+    parser.add_argument(
+        "--early-stopping",
+        choices=["heuristic", "exact"],
+        default=None,
+        help="when beam search stops a sentence (default: the model's config.yaml): heuristic "
+        "once a beam ending now could not win; exact once none could win at the maximum length",
+    )
+
+
+def early_stopping_override(args) -> dict:
+    return {} if args.early_stopping is None else {"early_stopping": args.early_stopping}
+
+
 def cmd_translate(args) -> int:
     from translator.inference import load
 
-    translator = load(args.model)
+    translator = load(args.model, **early_stopping_override(args))
     kwargs = dict(beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty)
     if args.text:
         results = translator.translate(
@@ -147,10 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="local corpus directory (else $TRANSLATOR_DATA_DIR)")
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None)
+    add_early_stopping_argument(p)
     p.add_argument(
         "--output", help="write hypotheses here (default: <model>/hyp.<corpus>.<split>.txt)"
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "average", help="average the weights of a run's last checkpoints into a model directory"
+    )
+    p.add_argument("--run-dir", required=True, help="training run directory")
+    p.add_argument("--last", type=int, default=4, help="newest checkpoints to average (4)")
+    p.add_argument("--out", help="output directory (default: <run-dir>/averaged-<last>)")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("export", help="write a TF Serving SavedModel and a .keras model")
     p.add_argument("--model", required=True, help="training run directory or model directory")
@@ -169,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--n-best", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=None)
+    add_early_stopping_argument(p)
     p.add_argument("--scores", action="store_true", help="print the score before each translation")
     p.add_argument(
         "--plot-attention", metavar="FILE.png", help="attention heatmap of the first text"
@@ -203,11 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from translator.checkpoint import CheckpointError
     from translator.config import ConfigError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    except (
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        OSError,
+    ) as e:
         print(f"translator {args.command}: error: {e}", file=sys.stderr)
         return 2
 

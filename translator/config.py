@@ -113,6 +113,10 @@ class DecodingConfig(_Section):
     # GNMT length penalty alpha: ((5 + len) / 6) ** alpha.
     length_penalty: Annotated[float, Field(ge=0, le=5)] = 0.6
     coverage_penalty: Annotated[float, Field(ge=0, le=5)] = 0.0
+    # When beam search stops a sentence: "heuristic" once no alive beam ending at the next step
+    # would win (fast), "exact" once none could win even at the maximum length (with a length
+    # penalty it usually runs to the maximum length). See translator.decoding.beam_search.
+    early_stopping: Literal["heuristic", "exact"] = "heuristic"
     # Maximum output length = ratio * source length + offset (subwords).
     max_length_ratio: Annotated[float, Field(gt=0, le=10)] = 2.0
     max_length_offset: Annotated[int, Field(ge=1)] = 10

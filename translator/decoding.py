@@ -5,6 +5,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 _NEG_INF = float("-inf")
+EARLY_STOPPING = ("exact", "heuristic")
 
 
 class DecodingResult(NamedTuple):
@@ -164,6 +165,7 @@ def beam_search(
     length_penalty=0.0,
     coverage_penalty=0.0,
     return_alignment=False,
+    early_stopping="exact",
 ):
     """Beam search with GNMT length and coverage penalties.
 
@@ -178,6 +180,23 @@ def beam_search(
     beam can still beat its worst member, or `max_length` is reached. (So with
     `beam_size=1` the result differs from `greedy_search` when an end candidate
     met on the way scores better than the greedy sequence.)
+
+    "Can still beat" has two readings, chosen by `early_stopping`:
+
+    - `"exact"`: an alive beam's log-prob only falls, but with `length_penalty > 0`
+      its normalized score can still rise as it grows, up to `log_prob / lp(max_length)`.
+      The search stops only when that bound cannot win, so it returns the best
+      hypothesis the beam can reach. With a positive length penalty this bound is
+      loose and the search usually runs to `max_length`.
+    - `"heuristic"`: the best alive beam is scored as if it ended at the next step,
+      `log_prob / lp(length + 1)`, the rule of Hugging Face's default beam search. It
+      stops as soon as the finished hypotheses beat that, typically a few steps after
+      the best hypothesis ends; in return it may miss a longer hypothesis that the
+      length penalty would have ranked first.
+
+    Each step ranks the `beam_size + 1` best tokens of each beam only (one of them may
+    be the end id): the `beam_size` best non-end extensions of a sentence are always
+    among them, so nothing is lost, and no `[batch, beam_size * vocab]` tensor is built.
 
     `beam_size`, `n_best`, `length_penalty`, `coverage_penalty` and `max_length`
     may be runtime tensors: one traced graph serves any value.
@@ -200,12 +219,14 @@ def beam_search(
         coverage_penalty: float scalar, the GNMT `beta`; needs a step function
             that returns attention.
         return_alignment: if `True`, also return the attention of every token.
+        early_stopping: `"exact"` or `"heuristic"`, when a sentence stops (see above).
 
     Returns:
         A `DecodingResult` with the `n_best` hypotheses of each sentence, best first.
 
     Raises:
-        ValueError: if `n_best > beam_size` (when both are known when tracing), or
+        ValueError: if `n_best > beam_size` (when both are known when tracing), if
+            `early_stopping` is not one of `EARLY_STOPPING`, or
             if the step function returns no attention although alignments or a
             coverage penalty are asked for.
 
@@ -227,6 +248,10 @@ def beam_search(
         - [Vaswani et al., 2018](https://arxiv.org/abs/1803.07416) (tensor2tensor,
           alive and finished sets)
     """
+    if early_stopping not in EARLY_STOPPING:
+        raise ValueError(
+            f"early_stopping must be one of {', '.join(EARLY_STOPPING)}, got {early_stopping!r}"
+        )
     alpha = tf.cast(length_penalty, tf.float32)
     beta = tf.cast(coverage_penalty, tf.float32)
     static_beta = tf.get_static_value(beta)
@@ -296,19 +321,28 @@ def beam_search(
         carry["coverage"] = tf.zeros_like(attention)  # [B*K, S]
 
     def advance(step, logits, state_flat, attention, carry):
-        log_probs = tf.nn.log_softmax(logits)  # [B*K, V]
-        vocab_size = tf.shape(log_probs)[1]
         length = step + 1  # every candidate of this step has this many tokens
         penalty = gnmt_length_penalty(length, alpha)
-        total = tf.reshape(carry["alive_log_probs"], [-1, 1]) + log_probs  # [B*K, V]
-        eos_log_probs = tf.reshape(tf.gather(total, end_id, axis=1), [batch_size, beam_size])
-        # Alive candidates: the best non-EOS extensions, over [B, K*V].
-        total = tf.where(tf.equal(tf.range(vocab_size), end_id), _NEG_INF, total)
-        top_log_probs, top_indices = tf.math.top_k(
-            tf.reshape(total, [batch_size, -1]), k=beam_size
+        # log p(token) = logit - logsumexp(logits) + the beam's log-prob: adding a per-row
+        # constant keeps each row's order, so only the end token and each row's top
+        # K + 1 logits are normalized, never the whole [B*K, V] matrix.
+        offset = carry["alive_log_probs"] - tf.reshape(
+            tf.reduce_logsumexp(logits, axis=1), [batch_size, beam_size]
         )  # [B, K]
-        parents = top_indices // vocab_size  # [B, K], parent beam within the sentence
-        tokens = top_indices % vocab_size
+        eos_log_probs = tf.reshape(logits[:, end_id], [batch_size, beam_size]) + offset
+        # Alive candidates: the K best non-end extensions of a sentence are among the
+        # K + 1 best tokens of their beams.
+        k = tf.minimum(beam_size + 1, tf.shape(logits)[1])
+        row_logits, row_tokens = tf.math.top_k(logits, k=k)  # [B*K, k]
+        row_logits = tf.where(tf.equal(row_tokens, end_id), _NEG_INF, row_logits)
+        candidates = tf.reshape(row_logits, [batch_size, beam_size, k]) + offset[..., tf.newaxis]
+        top_log_probs, top_indices = tf.math.top_k(
+            tf.reshape(candidates, [batch_size, -1]), k=beam_size
+        )  # [B, K], over the K * k candidates of each sentence
+        parents = top_indices // k  # [B, K], parent beam within the sentence
+        tokens = tf.gather(
+            tf.reshape(row_tokens, [batch_size, -1]), top_indices, batch_dims=1
+        )  # [B, K]
 
         # Finished candidates: EOS extensions, plus the alive candidates at max_length.
         live = tf.logical_not(carry["done"])[:, tf.newaxis]  # [B, 1]
@@ -355,11 +389,11 @@ def beam_search(
         # Stop a sentence once no alive beam can beat its worst finished hypothesis.
         # Log-probs only decrease, so an alive beam's best final score is its current
         # log-prob over lp at the next length or at max_length (lp is monotonic), plus
-        # cp <= 0 (beta >= 0; no early stop otherwise).
+        # cp <= 0 (beta >= 0; no early stop otherwise). The heuristic drops max_length.
         best_alive = top_log_probs[:, 0]  # [B]
-        bound = tf.maximum(
-            best_alive / gnmt_length_penalty(length + 1, alpha), best_alive / max_length_penalty
-        )
+        bound = best_alive / gnmt_length_penalty(length + 1, alpha)
+        if early_stopping == "exact":
+            bound = tf.maximum(bound, best_alive / max_length_penalty)
         bound = tf.where(beta < 0.0, float("inf"), bound)
         worst_finished = finished_scores[:, -1]  # [B]
         settled = (worst_finished > _NEG_INF) & (worst_finished >= bound)

@@ -182,6 +182,7 @@ def _options(translator: Translator) -> dict:
         beam_size=translator.beam_size,
         length_penalty=translator.length_penalty,
         coverage_penalty=translator.coverage_penalty,
+        early_stopping=translator.early_stopping,
         max_length_ratio=translator.max_length_ratio,
         max_length_offset=translator.max_length_offset,
         batch_size=translator.batch_size,

@@ -35,6 +35,7 @@ class Translator:
         model: A `translator.Seq2Seq`.
         source_tokenizer, target_tokenizer: `translator.tokenizer.SentencePieceTokenizer` layers.
         beam_size, length_penalty, coverage_penalty: Decoding defaults.
+        early_stopping: `"heuristic"` or `"exact"`, see `translator.decoding.beam_search`.
         max_length_ratio, max_length_offset: Output limit = ratio * source length + offset.
         batch_size: Sentences per graph call when translating long lists.
     """
@@ -47,6 +48,7 @@ class Translator:
         beam_size=5,
         length_penalty=0.6,
         coverage_penalty=0.0,
+        early_stopping="heuristic",
         max_length_ratio=2.0,
         max_length_offset=10,
         batch_size=64,
@@ -58,6 +60,12 @@ class Translator:
         self.beam_size = beam_size
         self.length_penalty = length_penalty
         self.coverage_penalty = coverage_penalty
+        if early_stopping not in decoding.EARLY_STOPPING:
+            raise ValueError(
+                f"early_stopping must be one of {', '.join(decoding.EARLY_STOPPING)}, "
+                f"got {early_stopping!r}"
+            )
+        self.early_stopping = early_stopping
         self.max_length_ratio = max_length_ratio
         self.max_length_offset = max_length_offset
         self.batch_size = batch_size
@@ -143,6 +151,7 @@ class Translator:
                 n_best=n_best,
                 length_penalty=length_penalty,
                 coverage_penalty=coverage_penalty,
+                early_stopping=self.early_stopping,
                 **search,
             )
             return r.ids, r.lengths, r.scores, r.alignments
@@ -240,6 +249,7 @@ def decoding_options(config) -> dict:
         beam_size=d.beam_size,
         length_penalty=d.length_penalty,
         coverage_penalty=d.coverage_penalty,
+        early_stopping=d.early_stopping,
         max_length_ratio=d.max_length_ratio,
         max_length_offset=d.max_length_offset,
         batch_size=d.batch_size,
