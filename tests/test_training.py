@@ -167,6 +167,26 @@ def test_average_checkpoints_is_the_mean_of_their_weights(uninterrupted, tmp_pat
     assert not (run_dir / "averaged-99").exists()
 
 
+def test_time_limit_stops_at_the_step_not_at_the_next_checkpoint(corpus, tmp_path):
+    from translator.training import train
+
+    overrides = {
+        "training.max_steps": "100000",
+        "training.steps_per_checkpoint": "50000",  # far beyond what 15 seconds can train
+        "training.time_limit_minutes": "0.25",
+    }
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **overrides))
+    os.environ["TRANSLATOR_QUIET"] = "1"
+    summary = train(config, tmp_path / "run")
+    paths = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in paths] == [f"ckpt-{summary['steps']:08d}"]
+    assert 0 < summary["steps"] < 50000
+    # Stopped at the first step past 15 s: the recorded training time is 15 s plus one step.
+    assert 15 <= summary["train_seconds"] < 20
+    state = ckpt.verify_checkpoint(paths[0])
+    assert state["step"] == summary["steps"] and "val_bleu" in state["history"][-1]
+
+
 def test_unwritable_run_dir_fails_before_training(tmp_path, corpus):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

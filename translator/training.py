@@ -488,12 +488,22 @@ class _Trainer(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.chunk_start = time.time()
+        self.chunk_start_step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        # The time limit holds to the step, not to the next checkpoint (which may be minutes
+        # away): the chunk ends here and on_epoch_end checkpoints and validates this step. A
+        # multi-worker run stops at checkpoints only, where the workers agree.
+        limit = self.config.training.time_limit_minutes
+        if limit and self.agree is None and time.time() - self.train_start >= limit * 60:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         t = self.config.training
         logs = logs or {}
         seconds = time.time() - self.chunk_start
         step = int(self.model.optimizer.iterations.numpy())
+        chunk_steps = step - getattr(self, "chunk_start_step", step - t.steps_per_checkpoint)
         tokens = float(logs.get("target_tokens", 0.0))  # of all replicas
         lr = float(self.model.optimizer.learning_rate.numpy())
         record = {
@@ -502,7 +512,7 @@ class _Trainer(keras.callbacks.Callback):
             "token_accuracy": float(logs.get("token_accuracy", float("nan"))),
             "learning_rate": lr,
             "tokens_per_second": tokens / max(seconds, 1e-9),
-            "steps_per_second": t.steps_per_checkpoint / max(seconds, 1e-9),
+            "steps_per_second": chunk_steps / max(seconds, 1e-9),
         }
         self.state["chunks"] = epoch + 1
         self.state["train_seconds"] = time.time() - self.train_start
