@@ -10,6 +10,7 @@ sentence at beam 5 (target: < 50 ms). The peers' figures, measured on this machi
 NMT tutorial's export (5.3M parameters, greedy only) 230 sentences/s at batch 32, 25.5 ms latency.
 
     python bench/decode.py --model saved_models/en-fr [--sentences 1000] [--latency 100]
+        [--batch-sizes 1,32,64] [--paths "SavedModel,Python API"]
     python bench/decode.py --architecture configs/multi30k_lstm.yaml   # untrained, speed only
 """
 
@@ -79,6 +80,9 @@ def main():
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--latency", type=int, default=100, help="sentences timed one by one")
     parser.add_argument("--batch-sizes", default="1,32,64")
+    parser.add_argument(
+        "--paths", default="SavedModel,Python API", help="which of the two paths to time"
+    )
     args = parser.parse_args()
     if not (args.model or args.architecture):
         parser.error("give --model DIR or --architecture CONFIG")
@@ -114,6 +118,8 @@ def main():
         # Batch 1 over all sentences takes long; a slice gives the same rate.
         subset = sentences[: min(len(sentences), 200)] if batch_size == 1 else sentences
         for path_name, make in (("SavedModel", saved_model), ("Python API", python_api)):
+            if path_name not in args.paths.split(","):
+                continue
             for beam in (1, 5):
                 rate = sentences_per_second(make(beam), subset, batch_size)
                 rates[path_name, beam, batch_size] = rate

@@ -55,14 +55,19 @@ def test_shapes(name):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_call_equals_looping_decode_step(name):
+@pytest.mark.parametrize("path", ["decode_step", "step_function"])
+def test_call_equals_looping_decode_step(name, path):
+    # step_function() reads the weights (and their per-step views: the split first kernel,
+    # the transposed tied embedding) once; it must give the teacher-forced numbers exactly.
     model = tiny_model(**ARCHITECTURES[name])
     logits, attention = model(
         {"source_ids": SOURCE, "target_in_ids": TARGET_IN}, return_attention=True
     )
+    step = model.decode_step if path == "decode_step" else model.step_function()
     constants, state = model.encode(SOURCE)
     for t in range(TARGET_IN.shape[1]):
-        step_logits, state, step_attention = model.decode_step(TARGET_IN[:, t], state, constants)
+        step_logits, state, step_attention = step(TARGET_IN[:, t], state, constants)
+        assert step_logits.dtype == tf.float32
         assert_close(step_logits, logits[:, t])
         assert_close(step_attention, attention[:, t])
 

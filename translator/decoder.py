@@ -197,7 +197,9 @@ class AttentionDecoder(keras.layers.Layer):
         """
         w = weights["cells"]
         if self.input_feeding:
-            feed_kernel = w[0]["kernel"][self.embedding_dim :]
+            feed_kernel = weights.get("feed_kernel")
+            if feed_kernel is None:
+                feed_kernel = w[0]["kernel"][self.embedding_dim :]
             projected = projected + ops.matmul(state["feed"], feed_kernel)
         x, first = self.cells[0].recurrent_step(
             projected, state["cells"][0], **self._step_kwargs(w[0])
@@ -254,15 +256,44 @@ class AttentionDecoder(keras.layers.Layer):
 
     # -- the two paths -----------------------------------------------------------------------
 
-    def decode_step(self, ids, state, constants):
+    def inference_weights(self):
+        """`read_weights()` plus every per-step weight view decoding needs, computed once.
+
+        A decoding loop that captures these (see `decode_step`) does no weight work per step:
+        the first cell's kernel split into its embedding and input-feeding halves, and the
+        output projection as a `(units, vocab)` matrix. With tied embeddings that is the
+        transposed embedding matrix, and transposing it inside the loop (or multiplying by it
+        with `transpose_b`) cost 3x the matmul itself at batch 32 on this CPU (measured:
+        5.5 ms against 1.9 ms for a (32, 512) x (512, 8000) float32 product).
+        """
+        weights = self.read_weights()
+        dtype = self.compute_dtype
+        kernel = weights["cells"][0]["kernel"]
+        weights["embed_kernel"] = kernel[: self.embedding_dim]
+        if self.input_feeding:
+            weights["feed_kernel"] = kernel[self.embedding_dim :]
+        if self.tie_embeddings:
+            weights["output_kernel"] = ops.transpose(ops.cast(self.embedding.embeddings, dtype))
+            weights["output_bias"] = ops.cast(self.output_bias_tied, dtype)
+        else:
+            weights["output_kernel"] = ops.cast(self.projection.kernel, dtype)
+            weights["output_bias"] = ops.cast(self.projection.bias, dtype)
+        return weights
+
+    def decode_step(self, ids, state, constants, weights=None):
         """Inference step `(ids (N,), state, constants) -> (logits (N, V), state, attention (N, S))`.
 
-        The signature is the step-function contract of `translator.decoding`.
+        The signature is the step-function contract of `translator.decoding`. Pass `weights`
+        from `inference_weights()`, computed outside the decoding loop, to keep weight work out
+        of every step (`Seq2Seq.step_function()` does).
         """
-        attentional, state, probs = self.step(
-            self._embed_projection(ids, training=False), state, constants, self.read_weights()
-        )
-        return self.project(attentional), state, probs
+        if weights is None:
+            weights = self.inference_weights()
+        embedded = ops.cast(self.embedding(ids), self.compute_dtype)
+        projected = self.cells[0].project_inputs(embedded, kernel=weights["embed_kernel"])
+        attentional, state, probs = self.step(projected, state, constants, weights)
+        logits = ops.matmul(attentional, weights["output_kernel"]) + weights["output_bias"]
+        return ops.cast(logits, "float32"), state, probs
 
     def call(self, target_in_ids, constants, initial_state, training=False):
         batch = ops.shape(target_in_ids)[0]

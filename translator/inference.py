@@ -128,6 +128,7 @@ class Translator:
             )
             + self.max_length_offset
         )
+        step_fn = self.model.step_function()  # weights read here, outside the decoding loop
         search = dict(
             start_ids=tf.fill([batch], BOS_ID),
             end_id=EOS_ID,
@@ -140,13 +141,13 @@ class Translator:
         def greedy():
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
-            r = decoding.greedy_search(self.model.decode_step, **search)
+            r = decoding.greedy_search(step_fn, **search)
             scores = r.log_probs / decoding.gnmt_length_penalty(r.lengths, length_penalty)
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
             r = decoding.beam_search(
-                self.model.decode_step,
+                step_fn,
                 beam_size=beam_size,
                 n_best=n_best,
                 length_penalty=length_penalty,
