@@ -69,6 +69,27 @@ def test_early_stopping_is_a_translator_option(tiny_export_dir):
         load(tiny_export_dir, early_stopping="never")
 
 
+def test_projection_dtype_is_a_translator_option(tiny_export_dir):
+    from translator.inference import load
+
+    texts = ["one red cat", "big house", "two small dogs"]
+    assert load(tiny_export_dir).projection_dtype is None  # the config default: the model's
+    exact = load(tiny_export_dir, projection_dtype="float32").translate(texts, beam_size=3)
+    rounded = load(tiny_export_dir, projection_dtype="bfloat16").translate(texts, beam_size=3)
+    # bfloat16 rounding moves scores by little (whether a near-tie flips is the model's business).
+    for a, b in zip(exact, rounded, strict=True):
+        if a.text == b.text:
+            assert abs(a.score - b.score) < 0.05
+    with pytest.raises(ValueError, match="projection_dtype must be one of None, float32, bf"):
+        load(tiny_export_dir, projection_dtype="float16")
+    proc = cli("translate", "--model", str(tiny_export_dir), "--projection-dtype", "bfloat16",
+               "--scores", *texts)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [row.split("\t")[1] for row in proc.stdout.rstrip("\n").split("\n")] == [
+        r.text for r in rounded
+    ]
+
+
 def test_plot_attention_draws_a_labelled_heatmap(tiny_export_dir, tmp_path):
     import matplotlib.image
 

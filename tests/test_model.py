@@ -72,6 +72,25 @@ def test_call_equals_looping_decode_step(name, path):
         assert_close(step_attention, attention[:, t])
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_bfloat16_projection_rounds_the_logits_and_nothing_else(tie):
+    # step_function("bfloat16") multiplies bfloat16 copies of the decoder output and the output
+    # kernel (accumulating in float32) and adds the float32 bias: the logits may differ from the
+    # float32 path by the rounding of the two operands, the state and attention not at all.
+    model = tiny_model(share_embeddings=tie, tie_embeddings=tie, embedding_dim=16)
+    constants, state = model.encode(SOURCE)
+    exact_fn, bf16_fn = model.step_function(), model.step_function("bfloat16")
+    ids = TARGET_IN[:, 0]
+    exact, exact_state, exact_attention = exact_fn(ids, state, constants)
+    rounded, rounded_state, rounded_attention = bf16_fn(ids, state, constants)
+    assert rounded.dtype == tf.float32
+    assert_close(rounded, exact, atol=0.05)
+    assert not np.array_equal(np.asarray(rounded), np.asarray(exact))  # it did run in bfloat16
+    assert_close(rounded_attention, exact_attention, atol=0)
+    for a, b in zip(tf.nest.flatten(rounded_state), tf.nest.flatten(exact_state), strict=True):
+        assert_close(a, b, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_padding_does_not_change_a_sentence(name):
     model = tiny_model(**ARCHITECTURES[name])

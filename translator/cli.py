@@ -59,7 +59,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def add_early_stopping_argument(parser) -> None:
+def add_decoding_arguments(parser) -> None:
+    """The decoding options of `translate` and `evaluate` that override the model's config."""
     parser.add_argument(
         "--early-stopping",
         choices=["heuristic", "exact"],
@@ -67,16 +68,26 @@ def add_early_stopping_argument(parser) -> None:
         help="when beam search stops a sentence (default: the model's config.yaml): heuristic "
         "once a beam ending now could not win; exact once none could win at the maximum length",
     )
+    parser.add_argument(
+        "--projection-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="dtype of the output projection, a decoding step's largest matmul (default: the "
+        "model's config.yaml, else the model's dtype); bfloat16 is faster on CPUs with bfloat16 "
+        "matrix units (AMX)",
+    )
 
 
-def early_stopping_override(args) -> dict:
-    return {} if args.early_stopping is None else {"early_stopping": args.early_stopping}
+def decoding_overrides(args) -> dict:
+    """`translator.load` overrides from the arguments of `add_decoding_arguments`."""
+    names = ("early_stopping", "projection_dtype")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def cmd_translate(args) -> int:
     from translator.inference import load
 
-    translator = load(args.model, **early_stopping_override(args))
+    translator = load(args.model, **decoding_overrides(args))
     kwargs = dict(beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty)
     if args.text:
         results = translator.translate(
@@ -169,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="local corpus directory (else $TRANSLATOR_DATA_DIR)")
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--length-penalty", type=float, default=None)
-    add_early_stopping_argument(p)
+    add_decoding_arguments(p)
     p.add_argument(
         "--output", help="write hypotheses here (default: <model>/hyp.<corpus>.<split>.txt)"
     )
@@ -200,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--n-best", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=None)
-    add_early_stopping_argument(p)
+    add_decoding_arguments(p)
     p.add_argument("--scores", action="store_true", help="print the score before each translation")
     p.add_argument(
         "--plot-attention", metavar="FILE.png", help="attention heatmap of the first text"

@@ -89,10 +89,10 @@ def evaluate(translator, sources, references, beam_size=None, length_penalty=Non
 
 
 def evaluate_cli(args) -> int:
-    from translator.cli import early_stopping_override
+    from translator.cli import decoding_overrides
     from translator.inference import load
 
-    translator = load(args.model, **early_stopping_override(args))
+    translator = load(args.model, **decoding_overrides(args))
     sources, references, label = load_test_set(args)
     beam = args.beam_size if args.beam_size is not None else translator.beam_size
     result = evaluate(translator, sources, references, args.beam_size, args.length_penalty)

@@ -187,6 +187,7 @@ def _options(translator: Translator) -> dict:
         max_length_offset=translator.max_length_offset,
         batch_size=translator.batch_size,
         max_source_length=translator.max_source_length,
+        projection_dtype=translator.projection_dtype,
     )
 
 

@@ -183,13 +183,15 @@ class Seq2Seq(keras.Model):
         """
         return self.decoder.decode_step(ops.convert_to_tensor(ids, "int32"), state, constants)
 
-    def step_function(self):
+    def step_function(self, projection_dtype=None):
         """`decode_step` with its weights read once, here, instead of at every step.
 
         Call it where the decoding loop is built, outside the loop:
         `beam_search(model.step_function(), ...)`. Same results as `decode_step`, faster.
+        `projection_dtype="bfloat16"` runs the output projection in bfloat16 (see
+        `AttentionDecoder.inference_weights`).
         """
-        weights = self.decoder.inference_weights()
+        weights = self.decoder.inference_weights(projection_dtype)
 
         def step_fn(ids, state, constants):
             ids = ops.convert_to_tensor(ids, "int32")
