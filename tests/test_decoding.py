@@ -256,6 +256,31 @@ def test_early_exit_when_every_sentence_is_done():
         assert beam.ids.shape[-1] == 6
 
 
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_finished_sentences_leave_the_step_functions_batch(search):
+    # Batch compaction: the scripted sentences end after 4, 2 and 6 tokens, so the step
+    # function sees 3, 3, 2, 2, 1, 1 sentences (each with its beams), not 3 at all 6 steps,
+    # and its rows carry their own script (the constants follow the rows).
+    rows = tf.Variable(0)
+    calls = tf.Variable(0)
+
+    def counting_step_fn(ids, state, constants):
+        rows.assign_add(tf.shape(ids)[0])
+        calls.assign_add(1)
+        return scripted_step_fn(ids, state, constants)
+
+    args = {**scripted_args(max_length=50), "step_fn": counting_step_fn}
+    if search == "greedy":
+        result, beam = run(decoding.greedy_search, **args), 1
+    else:
+        result, beam = run(decoding.beam_search, **args, beam_size=3), 3
+    np.testing.assert_array_equal(
+        result.ids[:, 0], [[2, 1, 2, 3, 0, 0], [1, 3, 0, 0, 0, 0], [0, 0, 1, 1, 2, 3]]
+    )
+    assert int(calls.numpy()) == int(result.steps) == 6
+    assert int(rows.numpy()) == beam * (3 + 3 + 2 + 2 + 1 + 1)
+
+
 # Beam search against greedy search.
 
 

@@ -68,7 +68,9 @@ def greedy_search(
             `constants` a read-only nested structure of `[N, ...]` tensors,
             `logits` float32 `[N, V]` (log-softmax is applied to them, so
             log-probabilities work too) and `attention` float32 `[N, S]` or `None`.
-            Here `N = batch`.
+            Here `N = batch` at the first step; afterwards the rows of finished sentences
+            are left out (their ids, state and constants alike), so `step_fn` must treat
+            rows independently and take its per-row inputs from `state` and `constants`.
         start_ids: int32 `[batch]`, the first input of the step function.
         end_id: int scalar, the end-of-sentence id.
         initial_state: nested structure of `[batch, ...]` tensors.
@@ -87,9 +89,17 @@ def greedy_search(
         initial_state,
         constants,
         max_length,
-        choose=lambda log_probs, step: tf.argmax(log_probs, axis=-1, output_type=tf.int32),
+        summarize=_greedy_choice,
+        compact=True,
         return_alignment=return_alignment,
     )
+
+
+def _greedy_choice(logits, step=None):
+    """The most probable token of each row `[N, V]` and its log-probability."""
+    ids = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    log_probs = tf.gather(logits, ids, batch_dims=1) - tf.reduce_logsumexp(logits, axis=-1)
+    return {"ids": ids, "token_log_probs": log_probs}
 
 
 def sample(
@@ -135,11 +145,12 @@ def sample(
     temperature = tf.cast(temperature, tf.float32)
     top_k = tf.cast(top_k, tf.int32)
 
-    def choose(log_probs, step):
-        logits = _keep_top_k(log_probs / temperature, top_k)
+    def choose(logits, step):
+        log_probs = tf.nn.log_softmax(logits)
+        truncated = _keep_top_k(log_probs / temperature, top_k)
         step_seed = tf.random.experimental.stateless_fold_in(seed, step)
-        ids = tf.random.stateless_categorical(logits, 1, seed=step_seed, dtype=tf.int32)
-        return ids[:, 0]
+        ids = tf.random.stateless_categorical(truncated, 1, seed=step_seed, dtype=tf.int32)[:, 0]
+        return {"ids": ids, "token_log_probs": tf.gather(log_probs, ids, batch_dims=1)}
 
     return _decode_one_best(
         step_fn,
@@ -148,7 +159,8 @@ def sample(
         initial_state,
         constants,
         max_length,
-        choose=choose,
+        summarize=choose,
+        compact=False,  # each row draws from its own random stream: keep the rows in place
         return_alignment=return_alignment,
     )
 
@@ -179,7 +191,9 @@ def beam_search(
     stops as soon as, for every sentence, the finished set is full and no alive
     beam can still beat its worst member, or `max_length` is reached. (So with
     `beam_size=1` the result differs from `greedy_search` when an end candidate
-    met on the way scores better than the greedy sequence.)
+    met on the way scores better than the greedy sequence.) A stopped sentence's
+    beams leave the step function's batch: the steps that remain cost what the
+    sentences still running need (batch compaction, see `_run_decode_loop`).
 
     "Can still beat" has two readings, chosen by `early_stopping`:
 
@@ -203,7 +217,8 @@ def beam_search(
 
     Args:
         step_fn: the step function, see `greedy_search`. Here `N = batch * beam_size`
-            and the beams of sentence `b` are rows `b * beam_size + k`.
+            and the beams of sentence `b` are rows `b * beam_size + k` at the first step;
+            afterwards the beams of finished sentences are left out.
         start_ids: int32 `[batch]`, the first input of the step function.
         end_id: int scalar, the end-of-sentence id.
         initial_state: nested structure of `[batch, ...]` tensors; tiled to
@@ -280,12 +295,14 @@ def beam_search(
     batch_offsets = tf.range(batch_size)[:, tf.newaxis] * beam_size  # [B, 1]
     beam_ids = tf.broadcast_to(tf.range(beam_size), [batch_size, beam_size])  # [B, K]
 
-    # Constants are tiled once and shared by the beams of a sentence: never gathered.
+    # Constants are tiled once and shared by the beams of a sentence: never reordered (only
+    # compacted when sentences finish, see _run_decode_loop).
     constants_flat = tile_batch(constants, beam_size)
     state_flat = tile_batch(initial_state, beam_size)
     ids_flat = tile_batch(start_ids, beam_size)  # [B*K]
 
     logits, state_flat, attention = _call_step_fn(step_fn, ids_flat, state_flat, constants_flat)
+    k = tf.minimum(beam_size + 1, tf.shape(logits)[1])  # tokens ranked per beam
     if return_alignment and attention is None:
         raise ValueError("return_alignment=True needs a step_fn that returns attention")
     track_coverage = static_beta is None or static_beta != 0.0
@@ -320,20 +337,34 @@ def beam_search(
     if track_coverage:
         carry["coverage"] = tf.zeros_like(attention)  # [B*K, S]
 
-    def advance(step, logits, state_flat, attention, carry):
-        length = step + 1  # every candidate of this step has this many tokens
-        penalty = gnmt_length_penalty(length, alpha)
+    def summarize(logits):
         # log p(token) = logit - logsumexp(logits) + the beam's log-prob: adding a per-row
         # constant keeps each row's order, so only the end token and each row's top
-        # K + 1 logits are normalized, never the whole [B*K, V] matrix.
+        # K + 1 logits are normalized, never the whole [B*K, V] matrix. The K best non-end
+        # extensions of a sentence are among the K + 1 best tokens of its beams.
+        top_logits, top_tokens = tf.math.top_k(logits, k=k)  # [n, k]
+        return {
+            "log_normalizer": tf.reduce_logsumexp(logits, axis=1),  # [n]
+            "end_logits": logits[:, end_id],  # [n]
+            "top_logits": top_logits,
+            "top_tokens": top_tokens,
+        }
+
+    # A finished sentence's rows are not computed: their alive beams fall to -inf.
+    fill = {"log_normalizer": 0.0, "end_logits": _NEG_INF, "top_logits": _NEG_INF, "top_tokens": 0}
+
+    def live_rows(carry):
+        sentences = tf.cast(tf.where(~carry["done"])[:, 0], tf.int32)  # [A]
+        return tf.reshape(sentences[:, tf.newaxis] * beam_size + tf.range(beam_size), [-1])
+
+    def advance(step, summary, state_flat, attention, carry):
+        length = step + 1  # every candidate of this step has this many tokens
+        penalty = gnmt_length_penalty(length, alpha)
         offset = carry["alive_log_probs"] - tf.reshape(
-            tf.reduce_logsumexp(logits, axis=1), [batch_size, beam_size]
+            summary["log_normalizer"], [batch_size, beam_size]
         )  # [B, K]
-        eos_log_probs = tf.reshape(logits[:, end_id], [batch_size, beam_size]) + offset
-        # Alive candidates: the K best non-end extensions of a sentence are among the
-        # K + 1 best tokens of their beams.
-        k = tf.minimum(beam_size + 1, tf.shape(logits)[1])
-        row_logits, row_tokens = tf.math.top_k(logits, k=k)  # [B*K, k]
+        eos_log_probs = tf.reshape(summary["end_logits"], [batch_size, beam_size]) + offset
+        row_logits, row_tokens = summary["top_logits"], summary["top_tokens"]  # [B*K, k]
         row_logits = tf.where(tf.equal(row_tokens, end_id), _NEG_INF, row_logits)
         candidates = tf.reshape(row_logits, [batch_size, beam_size, k]) + offset[..., tf.newaxis]
         top_log_probs, top_indices = tf.math.top_k(
@@ -409,6 +440,7 @@ def beam_search(
         carry,
         advance,
         cond=lambda carry: tf.logical_not(tf.reduce_all(carry["done"])),
+        compaction=(summarize, fill, live_rows),
     )
 
     lengths = carry["finished_lengths"]  # [B, n_best]
@@ -478,12 +510,23 @@ def _call_step_fn(step_fn, ids, state, constants):
     return logits, state, attention
 
 
-def _run_decode_loop(step_fn, logits, state, attention, constants, carry, advance, cond):
+def _run_decode_loop(
+    step_fn, logits, state, attention, constants, carry, advance, cond, compaction=None
+):
     """Runs the decoding `tf.while_loop`, the outputs of step 0 being given.
 
     Step 0 is called before the loop (by the caller): its attention tells whether
     alignment and coverage can be tracked and gives their shapes, and Keras layers
     called by `step_fn` are built outside the loop.
+
+    Batch compaction: sentences finish at different steps, and a loop that keeps
+    computing their rows until the slowest sentence of the batch is done spends most
+    of its time on rows whose results are thrown away. With `compaction`, each step
+    calls `step_fn` on the rows of unfinished sentences only: their ids and state are
+    gathered, the constants are gathered again only when the set of rows shrinks, and
+    the results are scattered back to full-batch tensors for `advance`. The logits
+    never go back to full size: `summarize` reduces them to the few per-row values
+    `advance` needs (say, the top tokens and the log-normalizer) first.
 
     Args:
         step_fn: the step function.
@@ -492,36 +535,97 @@ def _run_decode_loop(step_fn, logits, state, attention, constants, carry, advanc
         attention: the attention of step 0 or `None`.
         constants: the constants passed to every step.
         carry: dict of loop tensors and TensorArrays, owned by `advance`.
-        advance: `(step, logits, state, attention, carry) -> (next_ids, state, carry)`.
+        advance: `(step, logits, state, attention, carry) -> (next_ids, state, carry)`;
+            with `compaction`, it receives the summary of the logits instead.
         cond: `carry -> bool scalar`, whether to run one more step.
+        compaction: `None`, or a tuple `(summarize, fill, live_rows)`: `summarize` maps
+            logits `[n, V]` to a dict of `[n, ...]` tensors, `fill` gives each of them the
+            value of the rows not computed (a Python scalar), and `live_rows(carry)` returns
+            the sorted int32 indices of the rows to compute at the next step (the rows of a
+            finished sentence must not matter to `advance` any more).
 
     Returns:
         `(steps, ids, state, carry)` after the last step, `steps` being the number
         of calls to `step_fn`.
     """
-    ids, state, carry = advance(tf.constant(0), logits, state, attention, carry)
+    if compaction is None:
+        ids, state, carry = advance(tf.constant(0), logits, state, attention, carry)
 
-    def body(step, ids, state, carry):
-        logits, state, attention = _call_step_fn(step_fn, ids, state, constants)
-        ids, state, carry = advance(step, logits, state, attention, carry)
-        return step + 1, ids, state, carry
+        def body(step, ids, state, carry):
+            logits, state, attention = _call_step_fn(step_fn, ids, state, constants)
+            ids, state, carry = advance(step, logits, state, attention, carry)
+            return step + 1, ids, state, carry
 
-    # Step 0 sees more static shape information (e.g. a Python beam size) than the
-    # loop body, where captured values and gathered rows have unknown sizes: relax the
-    # leading dimension of the ids and the state, and every dimension of the carry.
-    loop_vars = (tf.constant(1), ids, state, carry)
+        # Step 0 sees more static shape information (e.g. a Python beam size) than the
+        # loop body, where captured values and gathered rows have unknown sizes: relax the
+        # leading dimension of the ids and the state, and every dimension of the carry.
+        loop_vars = (tf.constant(1), ids, state, carry)
+        shape_invariants = (
+            tf.TensorShape([]),
+            tf.TensorShape([None]),
+            tf.nest.map_structure(lambda t: _relaxed_shape(t, 1), state),
+            tf.nest.map_structure(lambda t: _relaxed_shape(t, None), carry),
+        )
+        return tf.while_loop(
+            lambda step, ids, state, carry: cond(carry),
+            body,
+            loop_vars,
+            shape_invariants=shape_invariants,
+        )
+
+    summarize, fill, live_rows = compaction
+    ids, state, carry = advance(tf.constant(0), summarize(logits), state, attention, carry)
+    num_rows = tf.shape(ids)[0]
+
+    def body(step, ids, state, carry, rows, live_constants):
+        new_rows = live_rows(carry)  # a subset of `rows`: equal sizes mean equal sets
+        live_constants = tf.cond(
+            tf.size(new_rows) < tf.size(rows),
+            lambda: tf.nest.map_structure(lambda c: tf.gather(c, new_rows), constants),
+            lambda: live_constants,
+        )
+        gather = lambda t: tf.gather(t, new_rows)  # noqa: E731
+        logits, live_state, live_attention = _call_step_fn(
+            step_fn, gather(ids), tf.nest.map_structure(gather, state), live_constants
+        )
+        indices = new_rows[:, tf.newaxis]
+        summary = {
+            name: tf.tensor_scatter_nd_update(
+                tf.fill(
+                    tf.concat([[num_rows], tf.shape(value)[1:]], 0),
+                    tf.cast(fill[name], value.dtype),
+                ),
+                indices,
+                value,
+            )
+            for name, value in summarize(logits).items()
+        }
+        state = tf.nest.map_structure(
+            lambda full, live: tf.tensor_scatter_nd_update(full, indices, live), state, live_state
+        )
+        if live_attention is not None:
+            live_attention = tf.scatter_nd(
+                indices, live_attention, [num_rows, tf.shape(live_attention)[1]]
+            )
+        ids, state, carry = advance(step, summary, state, live_attention, carry)
+        return step + 1, ids, state, carry, new_rows, live_constants
+
+    loop_vars = (tf.constant(1), ids, state, carry, tf.range(num_rows), constants)
     shape_invariants = (
         tf.TensorShape([]),
         tf.TensorShape([None]),
         tf.nest.map_structure(lambda t: _relaxed_shape(t, 1), state),
         tf.nest.map_structure(lambda t: _relaxed_shape(t, None), carry),
+        tf.TensorShape([None]),
+        tf.nest.map_structure(lambda t: _relaxed_shape(t, 1), constants),
     )
-    return tf.while_loop(
-        lambda step, ids, state, carry: cond(carry),
+    step, ids, state, carry, _, _ = tf.while_loop(
+        lambda step, ids, state, carry, rows, live_constants: cond(carry),
         body,
         loop_vars,
         shape_invariants=shape_invariants,
     )
+    return step, ids, state, carry
 
 
 def _relaxed_shape(value, num_relaxed):
@@ -537,9 +641,22 @@ def _relaxed_shape(value, num_relaxed):
 
 
 def _decode_one_best(
-    step_fn, start_ids, end_id, initial_state, constants, max_length, choose, return_alignment
+    step_fn,
+    start_ids,
+    end_id,
+    initial_state,
+    constants,
+    max_length,
+    summarize,
+    compact,
+    return_alignment,
 ):
-    """Greedy search and sampling: one hypothesis per sentence, `choose` picks the token."""
+    """Greedy search and sampling: one hypothesis per sentence.
+
+    `summarize(logits [N, V], step)` picks the tokens: a dict of `ids` `[N]` and their
+    `token_log_probs` `[N]`. With `compact`, finished sentences are left out of the step
+    function's batch (see `_run_decode_loop`).
+    """
     start_ids = tf.convert_to_tensor(start_ids, tf.int32)
     end_id = tf.cast(end_id, tf.int32)
     batch_size = tf.shape(start_ids)[0]
@@ -557,10 +674,10 @@ def _decode_one_best(
     if return_alignment:
         carry["attention"] = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
 
-    def advance(step, logits, state, attention, carry):
-        log_probs = tf.nn.log_softmax(logits)  # [B, V]
-        ids = choose(log_probs, step)  # [B]
-        token_log_probs = tf.gather(log_probs, ids, batch_dims=1)  # [B]
+    def advance(step, summary, state, attention, carry):
+        if not compact:
+            summary = summarize(summary, step)  # the loop passes the logits
+        ids, token_log_probs = summary["ids"], summary["token_log_probs"]  # [B], [B]
         finished = carry["finished"]
         # Finished sentences emit padding and keep their log-prob and length.
         ids = tf.where(finished, 0, ids)
@@ -585,6 +702,15 @@ def _decode_one_best(
         carry,
         advance,
         cond=lambda carry: tf.logical_not(tf.reduce_all(carry["finished"])),
+        compaction=(
+            (
+                summarize,
+                {"ids": 0, "token_log_probs": 0.0},
+                lambda carry: tf.cast(tf.where(~carry["finished"])[:, 0], tf.int32),
+            )
+            if compact
+            else None
+        ),
     )
     lengths = carry["lengths"]
     # At least one step always runs; trim to the longest output (0 if max_length <= 0).
