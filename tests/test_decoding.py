@@ -281,6 +281,18 @@ def test_finished_sentences_leave_the_step_functions_batch(search):
     assert int(rows.numpy()) == beam * (3 + 3 + 2 + 2 + 1 + 1)
 
 
+@pytest.mark.parametrize("width", [300, 8000, 8001])
+@pytest.mark.parametrize("k", [1, 6, 65])
+def test_two_pass_top_k_equals_top_k_ties_included(width, k):
+    # Integer logits: many ties, which top_k breaks by the lowest index; k = 65 with 300
+    # columns is more than the 5 blocks of 64, where the plain top_k must take over.
+    values = tf.round(tf.random.stateless_normal([7, width], seed=[width, k]) * 3.0)
+    expected = tf.math.top_k(values, k=k)
+    got = tf.function(decoding._top_k)(values, tf.constant(k))
+    np.testing.assert_array_equal(got[0], expected.values)
+    np.testing.assert_array_equal(got[1], expected.indices)
+
+
 # Beam search against greedy search.
 
 
