@@ -2,7 +2,8 @@
 
 Translates Multi30k test_2016_flickr (1,000 sentences) with a model directory, through the
 Python API (`translator.load`) and through the exported SavedModel (`translate` signature, the
-graph TF Serving runs), at batch sizes 1, 32 and 64. Prints sentences/s, the beam-5 / greedy
+graph TF Serving runs), at batch sizes 1, 32 and 64; the Python API also with the output
+projection in bfloat16 (`projection_dtype="bfloat16"`, "Python bf16"). Prints sentences/s, the beam-5 / greedy
 cost ratio measured in this run (target: <= 2.5x at batch 64), and the median latency of one
 sentence at beam 5 (target: < 50 ms). The peers' figures, measured on this machine type with the
 21M-parameter `multi30k_lstm` architecture, are printed for context: OpenNMT-tf 2.32 beam 5 batch 32
@@ -10,7 +11,7 @@ sentence at beam 5 (target: < 50 ms). The peers' figures, measured on this machi
 NMT tutorial's export (5.3M parameters, greedy only) 230 sentences/s at batch 32, 25.5 ms latency.
 
     python bench/decode.py --model saved_models/en-fr [--sentences 1000] [--latency 100]
-        [--batch-sizes 1,32,64] [--paths "SavedModel,Python API"]
+        [--batch-sizes 1,32,64] [--paths "SavedModel,Python API,Python bf16"]
     python bench/decode.py --architecture configs/multi30k_lstm.yaml   # untrained, speed only
 """
 
@@ -31,6 +32,9 @@ PEERS = {
     "OpenNMT-tf 2.32 SavedModel, beam 5, batch 32": "21.6 sentences/s, 155 ms median latency",
     "TF NMT tutorial SavedModel, greedy, batch 32": "230 sentences/s, 25.5 ms median latency",
 }
+
+
+PATHS = ("SavedModel", "Python API", "Python bf16")
 
 
 def load_sentences(n):
@@ -81,11 +85,18 @@ def main():
     parser.add_argument("--latency", type=int, default=100, help="sentences timed one by one")
     parser.add_argument("--batch-sizes", default="1,32,64")
     parser.add_argument(
-        "--paths", default="SavedModel,Python API", help="which of the two paths to time"
+        "--paths",
+        default=",".join(PATHS),
+        help=f"which paths to time (default: {','.join(PATHS)})",
     )
     args = parser.parse_args()
     if not (args.model or args.architecture):
         parser.error("give --model DIR or --architecture CONFIG")
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        parser.error(
+            f"unknown --paths {', '.join(sorted(unknown))}: choose from {', '.join(PATHS)}"
+        )
 
     import tempfile
 
@@ -95,6 +106,7 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model or untrained_model_dir(args.architecture, tmp.name)
     translator = load(model_dir)
+    translator_bf16 = load(model_dir, projection_dtype="bfloat16")
     loaded, version_dir = load_saved_model(model_dir)
     signature = loaded.signatures["translate"]
     params = translator.model.count_params()
@@ -105,6 +117,9 @@ def main():
     def python_api(beam):
         return lambda batch: translator.translate(batch, beam_size=beam)
 
+    def python_bf16(beam):
+        return lambda batch: translator_bf16.translate(batch, beam_size=beam)
+
     def saved_model(beam):
         args_ = dict(
             beam_size=tf.constant(beam),
@@ -113,13 +128,13 @@ def main():
         )
         return lambda batch: signature(text=tf.constant(batch), **args_)["translations"].numpy()
 
+    makers = {"SavedModel": saved_model, "Python API": python_api, "Python bf16": python_bf16}
     rates = {}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         # Batch 1 over all sentences takes long; a slice gives the same rate.
         subset = sentences[: min(len(sentences), 200)] if batch_size == 1 else sentences
-        for path_name, make in (("SavedModel", saved_model), ("Python API", python_api)):
-            if path_name not in args.paths.split(","):
-                continue
+        for path_name in paths:
+            make = makers[path_name]
             for beam in (1, 5):
                 rate = sentences_per_second(make(beam), subset, batch_size)
                 rates[path_name, beam, batch_size] = rate
@@ -127,27 +142,28 @@ def main():
                 print(f"  {path_name:10s} {name:7s} batch {batch_size:3d}: "
                       f"{rate:8.1f} sentences/s", flush=True)  # fmt: skip
 
-    one = saved_model(5)
-    one(sentences[:1])
-    latencies = []
-    for sentence in sentences[: args.latency]:
-        start = time.perf_counter()
-        one([sentence])
-        latencies.append(time.perf_counter() - start)
-    greedy_one = saved_model(1)
-    greedy_latencies = []
-    for sentence in sentences[: args.latency]:
-        start = time.perf_counter()
-        greedy_one([sentence])
-        greedy_latencies.append(time.perf_counter() - start)
+    def median_latency(fn):
+        fn(sentences[:1])
+        latencies = []
+        for sentence in sentences[: args.latency]:
+            start = time.perf_counter()
+            fn([sentence])
+            latencies.append(time.perf_counter() - start)
+        return statistics.median(latencies) * 1e3
+
+    latency = {
+        (path_name, beam): median_latency(makers[path_name](beam))
+        for path_name in paths
+        for beam in (5, 1)
+    }
 
     print("\nsummary")
     biggest = max(b for _, _, b in rates)
-    cost = rates["SavedModel", 1, biggest] / rates["SavedModel", 5, biggest]
-    print(f"  beam 5 costs {cost:.2f}x greedy at batch {biggest} (target <= 2.5x)")
-    print(f"  median single-sentence latency, SavedModel: beam 5 "
-          f"{statistics.median(latencies) * 1e3:.1f} ms (target < 50 ms), greedy "
-          f"{statistics.median(greedy_latencies) * 1e3:.1f} ms")  # fmt: skip
+    for path_name in paths:
+        cost = rates[path_name, 1, biggest] / rates[path_name, 5, biggest]
+        print(f"  {path_name}: beam 5 costs {cost:.2f}x greedy at batch {biggest} (target <= "
+              f"2.5x); median single-sentence latency: beam 5 {latency[path_name, 5]:.1f} ms "
+              f"(target < 50 ms), greedy {latency[path_name, 1]:.1f} ms")  # fmt: skip
     if ("SavedModel", 5, 32) in rates:
         print(f"  SavedModel beam 5 batch 32: {rates['SavedModel', 5, 32]:.1f} sentences/s "
               f"= {rates['SavedModel', 5, 32] / 21.6:.2f}x OpenNMT-tf's SavedModel figure "
