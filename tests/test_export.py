@@ -154,6 +154,33 @@ def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, t
     assert [t.decode() for t in out["translation"].numpy()] == [r.text for r in expected]
 
 
+def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_path):
+    import tensorflow as tf
+
+    from translator.config import load_config
+    from translator.export import ExportError, export
+    from translator.inference import load
+
+    version = export(tiny_run_dir, tmp_path / "bf16", projection_dtype="bfloat16")
+    assert load_config(tmp_path / "bf16" / "config.yaml").decoding.projection_dtype == "bfloat16"
+    assert load_config(tiny_run_dir / "config.yaml").decoding.projection_dtype is None  # untouched
+    translator = load(tmp_path / "bf16")
+    assert translator.projection_dtype == "bfloat16"
+    out = tf.saved_model.load(str(version)).signatures["translate"](
+        text=tf.constant(TEXTS),
+        beam_size=tf.constant(3),
+        n_best=tf.constant(1),
+        length_penalty=tf.constant(0.6),
+    )
+    expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6)
+    np.testing.assert_allclose(
+        out["scores"].numpy()[:, 0], [r.score for r in expected], rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ExportError, match="projection_dtype must be float32 or bfloat16"):
+        export(tiny_run_dir, tmp_path / "bad", projection_dtype="float16")
+    assert not (tmp_path / "bad" / "1").exists()
+
+
 def test_versions_are_numbered_and_never_overwritten(tiny_run_dir, tmp_path):
     from translator.export import ExportError, export
 

@@ -244,6 +244,7 @@ def export(
     out_dir,
     version: int | None = None,
     weights_dtype: str = "float32",
+    projection_dtype: str | None = None,
 ) -> Path:
     """`translator export`: a run or model directory -> an export directory (see module docs).
 
@@ -251,6 +252,9 @@ def export(
     the SentencePiece model(s) into `out_dir`, then SavedModel version `version`. With
     `weights_dtype="float16"`, weights are first rounded to float16 so that the `.keras` model
     (float32 values) and the SavedModel (float16 storage) translate identically.
+    `projection_dtype` (`"float32"` or `"bfloat16"`) replaces the config's
+    `decoding.projection_dtype`: the SavedModel's decoder is built with it and the exported
+    `config.yaml` records it.
 
     Returns:
         The SavedModel version directory.
@@ -266,14 +270,30 @@ def export(
         probe.close()
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e}") from e
+    if projection_dtype not in (None, "float32", "bfloat16"):
+        raise ExportError(
+            f"projection_dtype must be float32 or bfloat16 (or None), got {projection_dtype!r}"
+        )
     source_dir = model_path.parent if model_path.suffix == ".keras" else model_path
-    translator = with_tokenizers(load(model_path))
+    overrides = {} if projection_dtype is None else {"projection_dtype": projection_dtype}
+    translator = with_tokenizers(load(model_path, **overrides))
     round_weights(translator.model, weights_dtype)
     _save_keras(translator.model, out_dir / "model.keras")
     if source_dir.resolve() != out_dir.resolve():
         for name in ("config.yaml", "spm.model", "spm.source.model", "spm.target.model"):
             if (source_dir / name).is_file():
                 _copy_atomic(source_dir / name, out_dir / name)
+    if projection_dtype is not None:
+        from translator.config import load_config
+
+        config_file = source_dir / "config.yaml"
+        config = load_config(
+            config_file if config_file.is_file() else None,
+            [f"decoding.projection_dtype={projection_dtype}"],
+        )
+        tmp = out_dir / "config.yaml.tmp"
+        tmp.write_text(config.to_yaml())
+        os.replace(tmp, out_dir / "config.yaml")
     return export_saved_model(translator, out_dir, version, weights_dtype)
 
 
