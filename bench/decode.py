@@ -106,7 +106,9 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model or untrained_model_dir(args.architecture, tmp.name)
     translator = load(model_dir)
-    translator_bf16 = load(model_dir, projection_dtype="bfloat16")
+    translator_bf16 = (
+        load(model_dir, projection_dtype="bfloat16") if "Python bf16" in paths else None
+    )
     loaded, version_dir = load_saved_model(model_dir)
     signature = loaded.signatures["translate"]
     params = translator.model.count_params()

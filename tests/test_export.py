@@ -178,7 +178,13 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
     )
     with pytest.raises(ExportError, match="projection_dtype must be float32 or bfloat16"):
         export(tiny_run_dir, tmp_path / "bad", projection_dtype="float16")
-    assert not (tmp_path / "bad" / "1").exists()
+    assert not (tmp_path / "bad").exists()  # checked before anything is written
+    # A refused version changes nothing beside the versions already there.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bf16").iterdir() if p.is_file()}
+    with pytest.raises(ExportError, match="exists already"):
+        export(tiny_run_dir, tmp_path / "bf16", version=1, projection_dtype="float32")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "bf16").iterdir() if p.is_file()}
+    assert after == before
 
 
 def test_versions_are_numbered_and_never_overwritten(tiny_run_dir, tmp_path):

@@ -295,6 +295,7 @@ def beam_search(
     batch_offsets = tf.range(batch_size)[:, tf.newaxis] * beam_size  # [B, 1]
     beam_ids = tf.broadcast_to(tf.range(beam_size), [batch_size, beam_size])  # [B, K]
 
+    constants = () if constants is None else constants
     # Constants are tiled once and shared by the beams of a sentence: never reordered (only
     # compacted when sentences finish, see _run_decode_loop).
     constants_flat = tile_batch(constants, beam_size)
@@ -661,6 +662,7 @@ def _decode_one_best(
     end_id = tf.cast(end_id, tf.int32)
     batch_size = tf.shape(start_ids)[0]
     max_length = tf.broadcast_to(tf.cast(max_length, tf.int32), [batch_size])
+    constants = () if constants is None else constants
 
     logits, state, attention = _call_step_fn(step_fn, start_ids, initial_state, constants)
     if return_alignment and attention is None:

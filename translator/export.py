@@ -45,7 +45,8 @@ class ServingModule(tf.Module):
         translator: The `translator.inference.Translator` to export.
         weights_dtype: How the weights are stored: `"float32"`, or `"float16"`/`"bfloat16"` to
             halve the SavedModel. Stored weights are cast to float32 when the graph reads them,
-            so the computation stays float32.
+            so the computation stays float32 (except the output projection when the
+            translator's `projection_dtype` is `"bfloat16"`).
     """
 
     def __init__(self, translator: Translator, weights_dtype: str = "float32"):
@@ -212,14 +213,8 @@ def export_saved_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(out_dir) if version is None else int(version)
-    if version < 1:
-        raise ExportError(f"--version must be a positive integer, got {version}")
+    _check_new_version(out_dir, version)
     final = out_dir / str(version)
-    if final.exists():
-        raise ExportError(
-            f"{final} exists already: TF Serving versions are immutable. Omit --version to write "
-            f"version {next_version(out_dir)}, or remove {final} first."
-        )
     module = ServingModule(translator, weights_dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir))
     umask = os.umask(0)
@@ -264,16 +259,19 @@ def export(
     model_path, out_dir = Path(model_path), Path(out_dir)
     if weights_dtype not in WEIGHT_DTYPES:
         raise ExportError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
+    if projection_dtype not in (None, "float32", "bfloat16"):
+        raise ExportError(
+            f"projection_dtype must be float32 or bfloat16 (or None), got {projection_dtype!r}"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-")
         probe.close()
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e}") from e
-    if projection_dtype not in (None, "float32", "bfloat16"):
-        raise ExportError(
-            f"projection_dtype must be float32 or bfloat16 (or None), got {projection_dtype!r}"
-        )
+    # Refuse an existing version before touching the files the current versions go with.
+    version = next_version(out_dir) if version is None else int(version)
+    _check_new_version(out_dir, version)
     source_dir = model_path.parent if model_path.suffix == ".keras" else model_path
     overrides = {} if projection_dtype is None else {"projection_dtype": projection_dtype}
     translator = with_tokenizers(load(model_path, **overrides))
@@ -283,18 +281,46 @@ def export(
         for name in ("config.yaml", "spm.model", "spm.source.model", "spm.target.model"):
             if (source_dir / name).is_file():
                 _copy_atomic(source_dir / name, out_dir / name)
+    final = export_saved_model(translator, out_dir, version, weights_dtype)
     if projection_dtype is not None:
-        from translator.config import load_config
+        # Recorded once the SavedModel built with it exists, so that `translator.load` of the
+        # export directory decodes as the SavedModel does.
+        _write_atomic(out_dir / "config.yaml", _with_projection_dtype(source_dir, projection_dtype))
+    return final
 
-        config_file = source_dir / "config.yaml"
-        config = load_config(
-            config_file if config_file.is_file() else None,
-            [f"decoding.projection_dtype={projection_dtype}"],
+
+def _check_new_version(out_dir: Path, version: int) -> None:
+    if version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    if (out_dir / str(version)).exists():
+        raise ExportError(
+            f"{out_dir / str(version)} exists already: TF Serving versions are immutable. Omit "
+            f"--version to write version {next_version(out_dir)}, or remove it first."
         )
-        tmp = out_dir / "config.yaml.tmp"
-        tmp.write_text(config.to_yaml())
-        os.replace(tmp, out_dir / "config.yaml")
-    return export_saved_model(translator, out_dir, version, weights_dtype)
+
+
+def _with_projection_dtype(source_dir: Path, projection_dtype: str) -> str:
+    """The source's config.yaml with `decoding.projection_dtype` set (only that section if the
+    source has no config: the rest would be invented)."""
+    import yaml
+
+    from translator.config import load_config
+
+    config_file = source_dir / "config.yaml"
+    override = f"decoding.projection_dtype={projection_dtype}"
+    if config_file.is_file():
+        return load_config(config_file, [override]).to_yaml()
+    decoding = load_config(None, [override]).decoding.model_dump(mode="json")
+    return yaml.safe_dump({"decoding": decoding}, sort_keys=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _save_keras(model, path: Path) -> None:
