@@ -80,6 +80,7 @@ def test_projection_dtype_is_a_translator_option(tiny_export_dir):
     for a, b in zip(exact, rounded, strict=True):
         if a.text == b.text:
             assert abs(a.score - b.score) < 0.05
+    assert [a.score for a in exact] != [b.score for b in rounded]  # bfloat16 did run
     with pytest.raises(ValueError, match="projection_dtype must be one of None, float32, bf"):
         load(tiny_export_dir, projection_dtype="float16")
     proc = cli("translate", "--model", str(tiny_export_dir), "--projection-dtype", "bfloat16",

@@ -338,7 +338,7 @@ def beam_search(
     if track_coverage:
         carry["coverage"] = tf.zeros_like(attention)  # [B*K, S]
 
-    def summarize(logits):
+    def summarize(logits, step):
         # log p(token) = logit - logsumexp(logits) + the beam's log-prob: adding a per-row
         # constant keeps each row's order, so only the end token and each row's top
         # K + 1 logits are normalized, never the whole [B*K, V] matrix. The K best non-end
@@ -441,7 +441,8 @@ def beam_search(
         carry,
         advance,
         cond=lambda carry: tf.logical_not(tf.reduce_all(carry["done"])),
-        compaction=(summarize, fill, live_rows),
+        summarize=summarize,
+        compaction=(fill, live_rows),
     )
 
     lengths = carry["finished_lengths"]  # [B, n_best]
@@ -512,7 +513,16 @@ def _call_step_fn(step_fn, ids, state, constants):
 
 
 def _run_decode_loop(
-    step_fn, logits, state, attention, constants, carry, advance, cond, compaction=None
+    step_fn,
+    logits,
+    state,
+    attention,
+    constants,
+    carry,
+    advance,
+    cond,
+    summarize,
+    compaction=None,
 ):
     """Runs the decoding `tf.while_loop`, the outputs of step 0 being given.
 
@@ -520,14 +530,15 @@ def _run_decode_loop(
     alignment and coverage can be tracked and gives their shapes, and Keras layers
     called by `step_fn` are built outside the loop.
 
+    `advance` never sees the logits: `summarize` first reduces them to the few per-row
+    values it needs (the chosen tokens, or the top tokens and the log-normalizer).
+
     Batch compaction: sentences finish at different steps, and a loop that keeps
     computing their rows until the slowest sentence of the batch is done spends most
     of its time on rows whose results are thrown away. With `compaction`, each step
     calls `step_fn` on the rows of unfinished sentences only: their ids and state are
     gathered, the constants are gathered again only when the set of rows shrinks, and
-    the results are scattered back to full-batch tensors for `advance`. The logits
-    never go back to full size: `summarize` reduces them to the few per-row values
-    `advance` needs (say, the top tokens and the log-normalizer) first.
+    the summaries, state and attention are scattered back to full-batch tensors.
 
     Args:
         step_fn: the step function.
@@ -536,11 +547,10 @@ def _run_decode_loop(
         attention: the attention of step 0 or `None`.
         constants: the constants passed to every step.
         carry: dict of loop tensors and TensorArrays, owned by `advance`.
-        advance: `(step, logits, state, attention, carry) -> (next_ids, state, carry)`;
-            with `compaction`, it receives the summary of the logits instead.
+        advance: `(step, summary, state, attention, carry) -> (next_ids, state, carry)`.
         cond: `carry -> bool scalar`, whether to run one more step.
-        compaction: `None`, or a tuple `(summarize, fill, live_rows)`: `summarize` maps
-            logits `[n, V]` to a dict of `[n, ...]` tensors, `fill` gives each of them the
+        summarize: `(logits [n, V], step) -> dict of [n, ...] tensors`, row by row.
+        compaction: `None`, or a pair `(fill, live_rows)`: `fill` gives each summary the
             value of the rows not computed (a Python scalar), and `live_rows(carry)` returns
             the sorted int32 indices of the rows to compute at the next step (the rows of a
             finished sentence must not matter to `advance` any more).
@@ -549,36 +559,12 @@ def _run_decode_loop(
         `(steps, ids, state, carry)` after the last step, `steps` being the number
         of calls to `step_fn`.
     """
-    if compaction is None:
-        ids, state, carry = advance(tf.constant(0), logits, state, attention, carry)
-
-        def body(step, ids, state, carry):
-            logits, state, attention = _call_step_fn(step_fn, ids, state, constants)
-            ids, state, carry = advance(step, logits, state, attention, carry)
-            return step + 1, ids, state, carry
-
-        # Step 0 sees more static shape information (e.g. a Python beam size) than the
-        # loop body, where captured values and gathered rows have unknown sizes: relax the
-        # leading dimension of the ids and the state, and every dimension of the carry.
-        loop_vars = (tf.constant(1), ids, state, carry)
-        shape_invariants = (
-            tf.TensorShape([]),
-            tf.TensorShape([None]),
-            tf.nest.map_structure(lambda t: _relaxed_shape(t, 1), state),
-            tf.nest.map_structure(lambda t: _relaxed_shape(t, None), carry),
-        )
-        return tf.while_loop(
-            lambda step, ids, state, carry: cond(carry),
-            body,
-            loop_vars,
-            shape_invariants=shape_invariants,
-        )
-
-    summarize, fill, live_rows = compaction
-    ids, state, carry = advance(tf.constant(0), summarize(logits), state, attention, carry)
+    step0 = tf.constant(0)
+    ids, state, carry = advance(step0, summarize(logits, step0), state, attention, carry)
     num_rows = tf.shape(ids)[0]
 
-    def body(step, ids, state, carry, rows, live_constants):
+    def compacted_step(step, ids, state, carry, rows, live_constants):
+        fill, live_rows = compaction
         new_rows = live_rows(carry)  # a subset of `rows`: equal sizes mean equal sets
         live_constants = tf.cond(
             tf.size(new_rows) < tf.size(rows),
@@ -599,18 +585,33 @@ def _run_decode_loop(
                 indices,
                 value,
             )
-            for name, value in summarize(logits).items()
+            for name, value in summarize(logits, step).items()
         }
         state = tf.nest.map_structure(
             lambda full, live: tf.tensor_scatter_nd_update(full, indices, live), state, live_state
         )
+        attention = None
         if live_attention is not None:
-            live_attention = tf.scatter_nd(
+            attention = tf.scatter_nd(
                 indices, live_attention, [num_rows, tf.shape(live_attention)[1]]
             )
-        ids, state, carry = advance(step, summary, state, live_attention, carry)
-        return step + 1, ids, state, carry, new_rows, live_constants
+        return summary, state, attention, new_rows, live_constants
 
+    def body(step, ids, state, carry, rows, live_constants):
+        if compaction is None:
+            logits, state, attention = _call_step_fn(step_fn, ids, state, constants)
+            summary = summarize(logits, step)
+        else:
+            summary, state, attention, rows, live_constants = compacted_step(
+                step, ids, state, carry, rows, live_constants
+            )
+        ids, state, carry = advance(step, summary, state, attention, carry)
+        return step + 1, ids, state, carry, rows, live_constants
+
+    # Step 0 sees more static shape information (e.g. a Python beam size) than the
+    # loop body, where captured values and gathered rows have unknown sizes: relax the
+    # leading dimension of the ids, the state, the rows and the live constants, and every
+    # dimension of the carry.
     loop_vars = (tf.constant(1), ids, state, carry, tf.range(num_rows), constants)
     shape_invariants = (
         tf.TensorShape([]),
@@ -677,8 +678,6 @@ def _decode_one_best(
         carry["attention"] = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
 
     def advance(step, summary, state, attention, carry):
-        if not compact:
-            summary = summarize(summary, step)  # the loop passes the logits
         ids, token_log_probs = summary["ids"], summary["token_log_probs"]  # [B], [B]
         finished = carry["finished"]
         # Finished sentences emit padding and keep their log-prob and length.
@@ -704,9 +703,9 @@ def _decode_one_best(
         carry,
         advance,
         cond=lambda carry: tf.logical_not(tf.reduce_all(carry["finished"])),
+        summarize=summarize,
         compaction=(
             (
-                summarize,
                 {"ids": 0, "token_log_probs": 0.0},
                 lambda carry: tf.cast(tf.where(~carry["finished"])[:, 0], tf.int32),
             )
