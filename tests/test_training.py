@@ -233,3 +233,62 @@ def test_masked_cross_entropy_matches_hand_computation():
     expected = -(1 - eps) * log_p[2] - eps * log_p.mean()
     got = MaskedCrossEntropy(label_smoothing=eps)(labels, logits)
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+def test_init_from_starts_from_the_trained_weights_and_vocabulary(corpus, uninterrupted, tmp_path):
+    import keras
+
+    from translator.training import train
+
+    source, _ = uninterrupted
+    overrides = {
+        "training.max_steps": "10",
+        "training.learning_rate": "1e-9",  # Adam moves each weight by at most ~1e-9 a step
+        "training.min_learning_rate": "0",
+        "training.seed": "3",
+        "tokenizer.vocab_size": "70",  # ignored: the run reuses the source's vocabulary
+        "training.init_from": str(source),
+    }
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **overrides))
+    os.environ["TRANSLATOR_QUIET"] = "1"
+    summary = train(config, tmp_path / "ft")
+    assert summary["steps"] == 10  # a fresh optimizer
+    assert (tmp_path / "ft" / "spm.model").read_bytes() == (source / "spm.model").read_bytes()
+    before = keras.saving.load_model(source / "model.keras", compile=False).get_weights()
+    after = keras.saving.load_model(tmp_path / "ft" / "model.keras", compile=False).get_weights()
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # It starts trained: a random start predicts about uniformly over the 60 pieces (loss ln 60
+    # = 4.09, and a learning rate of 1e-9 would keep it there); the source's first 10 steps
+    # averaged 3.66 while it learned.
+    loss = history(tmp_path / "ft")[0]["loss"]
+    assert loss < 0.8 * np.log(60) and loss < history(source)[0]["loss"]
+
+
+def test_init_from_refuses_another_architecture_or_vocabulary(corpus, uninterrupted, tmp_path):
+    from translator.training import InitFromError, train
+
+    source, _ = uninterrupted
+
+    def config(**extra):
+        settings = {"training.init_from": str(source), **extra}
+        return load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+
+    with pytest.raises(InitFromError, match=r"decoder_units: 32 there, 48 here"):
+        train(config(**{"model.decoder_units": "48"}), tmp_path / "wide")
+    assert not (tmp_path / "wide" / "config.yaml").exists()  # refused before writing anything
+    with pytest.raises(InitFromError, match="does not exist"):
+        train(config(**{"training.init_from": str(tmp_path / "nowhere")}), tmp_path / "none")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "spm.model").write_bytes(b"another vocabulary")
+    with pytest.raises(InitFromError, match="another SentencePiece model"):
+        train(config(), tmp_path / "other")
+    assert (tmp_path / "other" / "spm.model").read_bytes() == b"another vocabulary"
+
+    proc = run_cli(
+        ["train", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "cli"),
+         "--init-from", str(tmp_path / "nowhere"),
+         *[a for s in tiny_overrides(corpus) for a in ("--set", s)]]
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "training.init_from" in out and "nowhere" in out, out

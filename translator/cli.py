@@ -24,6 +24,8 @@ def cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.strategy:
         overrides.append(f"training.strategy={args.strategy}")
+    if args.init_from:
+        overrides.append(f"training.init_from={args.init_from}")
     config = load_config(args.config, overrides)
     run_dir = args.run_dir or os.path.join("runs", config.name)
     summary = train(config, run_dir, resume=args.resume)
@@ -169,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key")
     p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="start from this trained model's weights and vocabulary (fine-tuning; "
+        "training.init_from)",
+    )
     p.add_argument(
         "--strategy",
         choices=["auto", "default", "mirrored", "multi_worker"],

@@ -106,6 +106,12 @@ class TrainingConfig(_Section):
     # and the peak learning rate is multiplied by sqrt(N) (Adam's square-root rule), by N (the
     # linear rule) or by 1 (none). Warmup, decay and max_steps still count optimizer steps.
     learning_rate_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    # Start from the weights of a trained model (a run directory or a shipped model such as
+    # saved_models/en-fr) instead of random ones: fine-tuning, or continuing a finished training
+    # with a new schedule. The model section must describe the same architecture (dropout may
+    # differ) and the run reuses that model's SentencePiece vocabulary; the optimizer starts
+    # afresh at step 0. Ignored when the run resumes from its own checkpoints.
+    init_from: str | None = None
 
 
 class DecodingConfig(_Section):

@@ -286,6 +286,97 @@ def _check_shared(path: Path, train_missing: bool) -> None:
         )
 
 
+class InitFromError(ValueError):
+    """`training.init_from` names a model this run cannot start from; the message says why."""
+
+
+def load_init_model(config: Config, run_dir: Path):
+    """The model named by `training.init_from`, checked against `config` (for fine-tuning).
+
+    Writes its SentencePiece model(s) into `run_dir` (so the run, its checkpoints and its exports
+    use that vocabulary) unless the run already has identical ones.
+
+    Returns:
+        The loaded `translator.inference.Translator`.
+
+    Raises:
+        InitFromError: the directory cannot be loaded, its architecture differs from the config's
+            model section (dropout aside), or the run directory holds another vocabulary.
+    """
+    from translator.config import ConfigError, load_config
+    from translator.inference import load
+
+    source = Path(config.training.init_from)
+    try:
+        init = load(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise InitFromError(f"training.init_from: {e}") from e
+    if (source / "config.yaml").is_file():
+        try:
+            theirs = load_config(source / "config.yaml")
+        except ConfigError as e:
+            raise InitFromError(f"training.init_from: {source / 'config.yaml'}: {e}") from e
+        ours = config.model.model_dump(exclude={"dropout"})
+        different = {
+            k: (v, ours[k])
+            for k, v in theirs.model.model_dump(exclude={"dropout"}).items()
+            if ours[k] != v
+        }
+        if theirs.tokenizer.joint != config.tokenizer.joint:
+            different["tokenizer.joint"] = (theirs.tokenizer.joint, config.tokenizer.joint)
+        if different:
+            listed = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in different.items())
+            raise InitFromError(
+                f"training.init_from={source} was trained with another architecture ({listed}); "
+                "copy its model section into your config (only dropout may differ)"
+            )
+    joint = init.source_tokenizer is init.target_tokenizer or (
+        init.source_tokenizer.proto == init.target_tokenizer.proto
+    )
+    if config.tokenizer.joint:
+        if not joint:
+            raise InitFromError(
+                f"training.init_from={source} has separate source and target vocabularies: set "
+                "tokenizer.joint: false"
+            )
+        wanted = {"spm.model": init.source_tokenizer.proto}
+    else:
+        wanted = {
+            "spm.source.model": init.source_tokenizer.proto,
+            "spm.target.model": init.target_tokenizer.proto,
+        }
+    for name, proto in wanted.items():
+        path = run_dir / name
+        if path.exists():
+            if path.read_bytes() != proto:
+                raise InitFromError(
+                    f"{path} is another SentencePiece model than the one of training.init_from="
+                    f"{source}: use a new --run-dir"
+                )
+        else:
+            tmp = path.with_name(name + ".tmp")
+            tmp.write_bytes(proto)
+            os.replace(tmp, path)
+    return init
+
+
+def init_weights_from(model, init, source) -> None:
+    """Copies the weights of `init.model` into `model`, variable by variable, checking shapes."""
+    ours, theirs = model.weights, init.model.weights
+    if len(ours) != len(theirs):
+        raise InitFromError(
+            f"training.init_from={source}: its model has {len(theirs)} weights, this config's "
+            f"{len(ours)}; the model sections differ"
+        )
+    for a, b in zip(ours, theirs, strict=True):
+        if tuple(a.shape) != tuple(b.shape):
+            raise InitFromError(
+                f"training.init_from={source}: weight {b.path} has shape {tuple(b.shape)}, this "
+                f"config's {a.path} {tuple(a.shape)}; the model sections or vocabularies differ"
+            )
+    model.set_weights(init.model.get_weights())
+
+
 def load_training_pairs(config: Config):
     d = config.data
     corpora = [(c.name, c.weight) for c in d.corpora]
@@ -615,6 +706,12 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
             "a new --run-dir"
         )
+    fresh = not (interrupted or ckpt.list_checkpoints(checkpoints))
+    init = None  # checked before anything is written into the run directory
+    if config.training.init_from and fresh:
+        init = load_init_model(config, run_dir) if chief else None
+    elif config.training.init_from:
+        log.info("training.init_from ignored: the run resumes from its own checkpoints")
     if distributed and config.training.jit_compile:
         # Keras compiles the whole step, all-reduce included: XLA can neither place one program
         # on several devices nor (yet) compile collectives on CPU.
@@ -697,6 +794,14 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
         else:
             state = _progress_at(checkpoints, step, t.steps_per_checkpoint)
             log.info("resumed the interrupted run from its backup (step %d)", step)
+    if t.init_from and fresh:
+        if init is None:  # another worker of a multi-worker run: the chief checked it
+            from translator.inference import load
+
+            init = load(t.init_from)
+        init_weights_from(model, init, t.init_from)
+        log.info("weights initialized from %s (the optimizer starts at step 0)", t.init_from)
+        del init
     if resume and not interrupted:
         path, restored = ckpt.restore_latest(checkpoints, model, model.optimizer)
         if path is not None:
