@@ -292,3 +292,25 @@ def test_init_from_refuses_another_architecture_or_vocabulary(corpus, uninterrup
     )  # fmt: skip
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "training.init_from" in out and "nowhere" in out, out
+
+
+def test_plot_training_draws_the_run_history(uninterrupted, tmp_path):
+    import matplotlib.image
+
+    from translator.plotting import plot_training, training_history
+
+    run_dir, _ = uninterrupted
+    history = training_history(run_dir)
+    assert [h["step"] for h in history] == [10, 20, 30, 40]
+    path = plot_training(run_dir, tmp_path / "curve.png", step_offset=100, baseline=("base", 1.0))
+    assert matplotlib.image.imread(path).shape[:2] == (432, 1200)  # 10 x 3.6 inches at 120 dpi
+    assert not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        training_history(tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        plot_training([], tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+    proc = run_cli(["plot-training", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "no checkpoints" in out, out

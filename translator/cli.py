@@ -47,6 +47,19 @@ def cmd_average(args) -> int:
     return 0
 
 
+def cmd_plot_training(args) -> int:
+    from translator.plotting import plot_training
+
+    baseline = None
+    if args.baseline is not None:
+        baseline = (args.baseline_label, args.baseline)
+    path = plot_training(
+        args.run_dir, args.out, title=args.title, step_offset=args.step_offset, baseline=baseline
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from translator.evaluation import evaluate_cli
 
@@ -184,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
         "reads the cluster from TF_CONFIG",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot-training", help="draw a run's loss and validation BLEU by step")
+    p.add_argument("--run-dir", required=True, help="training run directory")
+    p.add_argument("--out", required=True, help="image file (.png, .svg or .pdf)")
+    p.add_argument("--title", help="figure title (default: the run directory's name)")
+    p.add_argument(
+        "--step-offset",
+        type=int,
+        default=0,
+        help="added to every step (runs made with --init-from)",
+    )
+    p.add_argument("--baseline", type=float, help="a validation BLEU to draw as a line")
+    p.add_argument("--baseline-label", default="baseline", help="its label")
+    p.set_defaults(func=cmd_plot_training)
 
     p = sub.add_parser("evaluate", help="score a model with sacreBLEU BLEU and chrF")
     p.add_argument("--model", required=True, help="run directory or shipped model directory")

@@ -1,7 +1,9 @@
-"""Pictures: the attention heatmap of a translation (source subwords x target subwords)."""
+"""Pictures: the attention heatmap of a translation (source subwords x target subwords) and the
+training curves of a run (loss and validation BLEU by step)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -59,6 +61,88 @@ def plot_attention(translation, path, title=None, dpi=150):
     ax.set_ylabel("French (target subwords)")
     ax.set_title(title if title is not None else translation.text, fontsize=10, wrap=True)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="attention weight")
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def training_history(run_dir) -> list[dict]:
+    """The per-checkpoint history of a training run (from its newest checkpoint's state).
+
+    Raises:
+        FileNotFoundError: the directory has no checkpoint (naming it).
+    """
+    from translator import checkpoint as ckpt
+
+    paths = ckpt.list_checkpoints(Path(run_dir) / "checkpoints")
+    if not paths:
+        raise FileNotFoundError(
+            f"{run_dir} has no checkpoints/ckpt-*: is it a training run directory?"
+        )
+    return json.loads((paths[-1] / "state.json").read_text())["history"]
+
+
+def plot_training(history, path, title=None, step_offset=0, baseline=None, dpi=120):
+    """Draws the training loss and the validation BLEU of a run by optimizer step.
+
+    Args:
+        history: A run directory, or its list of per-checkpoint records (`step`, `loss`, and
+            `val_bleu` when validation ran).
+        path: Output file; the format follows the extension.
+        title: Figure title (default: the run directory's name, or none).
+        step_offset: Added to every step: a run started with `--init-from` from a model trained
+            for N steps is drawn as steps N+1, N+2, ...
+        baseline: Optional `(label, bleu)` drawn as a horizontal line on the BLEU panel, e.g.
+            the validation BLEU of the model a fine-tuning started from.
+        dpi: Resolution of raster formats.
+
+    Returns:
+        The `Path` written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(history, str | os.PathLike):
+        if title is None:
+            title = Path(history).name
+        history = training_history(history)
+    if not history:
+        raise ValueError("the history is empty: nothing to plot")
+    steps = [h["step"] + step_offset for h in history]
+    validated = [(h["step"] + step_offset, h["val_bleu"]) for h in history if "val_bleu" in h]
+    fig, (loss_ax, bleu_ax) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    loss_ax.plot(steps, [h["loss"] for h in history], "o-", color="tab:blue")
+    loss_ax.set(title="loss", xlabel="optimizer step", ylabel="training loss (label-smoothed CE)")
+    bleu_ax.set(title="validation BLEU", xlabel="optimizer step", ylabel="BLEU")
+    if validated:
+        x, y = zip(*validated, strict=True)
+        bleu_ax.plot(x, y, "o-", color="tab:green", label="this run")
+        best = max(range(len(y)), key=y.__getitem__)
+        bleu_ax.annotate(
+            f"best {y[best]:.2f} (step {x[best]})",
+            (x[best], y[best]),
+            xytext=(-40, -45),
+            textcoords="offset points",
+            ha="right",
+            arrowprops={"arrowstyle": "->"},
+        )
+    if baseline is not None:
+        label, value = baseline
+        bleu_ax.axhline(value, color="tab:gray", linestyle="--", label=f"{label}: {value:.2f}")
+    if validated or baseline is not None:
+        bleu_ax.legend(loc="lower right")
+    for ax in (loss_ax, bleu_ax):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
