@@ -314,3 +314,21 @@ def test_plot_training_draws_the_run_history(uninterrupted, tmp_path):
     proc = run_cli(["plot-training", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x.png")])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "no checkpoints" in out, out
+
+
+def test_max_steps_holds_to_the_step(corpus, tmp_path):
+    from translator.training import train
+
+    os.environ["TRANSLATOR_QUIET"] = "1"
+    settings = {"training.max_steps": "25", "training.steps_per_checkpoint": "10"}
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+    summary = train(config, tmp_path / "run")
+    assert summary["steps"] == 25  # not 30, the next multiple of steps_per_checkpoint
+    assert [h["step"] for h in history(tmp_path / "run")] == [10, 20, 25]
+    # A longer max_steps resumes from the cut-short chunk and still ends exactly on it.
+    settings["training.max_steps"] = "32"
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+    assert train(config, tmp_path / "run", resume=True)["steps"] == 32
+    assert [h["step"] for h in history(tmp_path / "run")] == [10, 20, 25, 32]
+    # Resuming a run that is already at max_steps trains nothing.
+    assert train(config, tmp_path / "run", resume=True)["steps"] == 32

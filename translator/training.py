@@ -588,6 +588,11 @@ class _Trainer(keras.callbacks.Callback):
         limit = self.config.training.time_limit_minutes
         if limit and self.agree is None and time.time() - self.train_start >= limit * 60:
             self.model.stop_training = True
+        # max_steps holds to the step too, whether or not it is a multiple of
+        # steps_per_checkpoint (every worker of a multi-worker run reaches it at the same step).
+        max_steps = self.config.training.max_steps
+        if max_steps and int(self.model.optimizer.iterations.numpy()) >= max_steps:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         t = self.config.training
@@ -811,11 +816,14 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
     log.info("model: %s parameters", f"{model.count_params():,}")
 
     chunk = t.steps_per_checkpoint
-    if t.max_steps:
-        total_chunks = math.ceil(t.max_steps / chunk)
-    else:
-        total_chunks = 10**9  # until early stopping or the time limit
+    # Chunks (Keras "epochs") of `chunk` steps until max_steps, early stopping or the time limit
+    # stops the run (_Trainer.on_train_batch_end): a chunk cut short by a time limit does not
+    # shift where a resumed run ends.
     done_chunks = state.get("chunks", 0)
+    if t.max_steps:
+        total_chunks = done_chunks + math.ceil(max(t.max_steps - step, 0) / chunk)
+    else:
+        total_chunks = 10**9
     # The data order is a pure function of the seed: skipping the batches already consumed
     # continues a resumed run on exactly the batches it would have seen.
     if distributed:
