@@ -534,6 +534,34 @@ class SlowBackend(Backend):
         return {"signature_def": {}}
 
 
+def test_a_client_leaving_mid_body_is_counted_as_499_not_as_a_server_error():
+    from translator.server import LimitsMiddleware, Metrics
+
+    reached = []
+
+    async def app(scope, receive, send):  # never reached: the body never arrived
+        reached.append(scope)
+
+    metrics = Metrics()
+    middleware = LimitsMiddleware(app, max_body_bytes=1000, metrics=metrics)
+    messages = iter(
+        [{"type": "http.request", "body": b'{"text": ', "more_body": True},
+         {"type": "http.disconnect"}]
+    )  # fmt: skip
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/translate", "headers": []}
+    asyncio.run(middleware(scope, receive, send))
+    assert not reached and not sent
+    assert metrics.requests == {("unmatched", "POST", "499"): 1}
+
+
 def test_healthz_answers_at_once_and_readyz_waits_for_the_model(tiny_export_dir):
     backend = SlowBackend()
     with TestClient(create_app(backend, ServerSettings(model_name="slow"))) as client:

@@ -1240,6 +1240,11 @@ class JSONBodyRoute(APIRoute):
         return checked
 
 
+# nginx's status for a request whose client disconnected before the response: recorded in the
+# metrics (never sent), so that clients going away do not look like server errors.
+CLIENT_CLOSED_REQUEST = 499
+
+
 class LimitsMiddleware:
     """Refuses bodies over the size limit (413) and records request metrics for every route."""
 
@@ -1264,6 +1269,8 @@ class LimitsMiddleware:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._read_body(scope, receive, send_status)
                 if body is None:
+                    if status[0] == 500:  # no response sent: the client left mid-body
+                        status[0] = CLIENT_CLOSED_REQUEST
                     return
                 delivered = False
 
