@@ -276,7 +276,14 @@ def test_init_from_refuses_another_architecture_or_vocabulary(corpus, uninterrup
 
     with pytest.raises(InitFromError, match=r"decoder_units: 32 there, 48 here"):
         train(config(**{"model.decoder_units": "48"}), tmp_path / "wide")
-    assert not (tmp_path / "wide" / "config.yaml").exists()  # refused before writing anything
+    assert not (tmp_path / "wide").exists()  # refused before writing anything
+    # A .keras file is checked as strictly, also for what changes no weight shape.
+    keras_file = str(source / "model.keras")
+    with pytest.raises(InitFromError, match=r"residual: True there, False here"):
+        train(
+            config(**{"training.init_from": keras_file, "model.residual": "false"}), tmp_path / "r"
+        )
+    assert not (tmp_path / "r").exists()
     with pytest.raises(InitFromError, match="does not exist"):
         train(config(**{"training.init_from": str(tmp_path / "nowhere")}), tmp_path / "none")
     (tmp_path / "other").mkdir()
@@ -287,11 +294,12 @@ def test_init_from_refuses_another_architecture_or_vocabulary(corpus, uninterrup
 
     proc = run_cli(
         ["train", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "cli"),
-         "--init-from", str(tmp_path / "nowhere"),
+         "--init-from", str(tmp_path / "no #where"),
          *[a for s in tiny_overrides(corpus) for a in ("--set", s)]]
     )  # fmt: skip
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "training.init_from" in out and "nowhere" in out, out
+    # The path is taken as it is, not as YAML (where " #" starts a comment).
+    assert proc.returncode == 2 and "training.init_from" in out and "no #where" in out, out
 
 
 def test_plot_training_draws_the_run_history(uninterrupted, tmp_path):

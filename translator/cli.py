@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,7 +26,8 @@ def cmd_train(args) -> int:
     if args.strategy:
         overrides.append(f"training.strategy={args.strategy}")
     if args.init_from:
-        overrides.append(f"training.init_from={args.init_from}")
+        # Quoted: a path is a string even when YAML would read it otherwise (no, null, a #b).
+        overrides.append(f"training.init_from={json.dumps(args.init_from)}")
     config = load_config(args.config, overrides)
     run_dir = args.run_dir or os.path.join("runs", config.name)
     summary = train(config, run_dir, resume=args.resume)

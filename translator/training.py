@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -293,17 +294,16 @@ class InitFromError(ValueError):
 def load_init_model(config: Config, run_dir: Path):
     """The model named by `training.init_from`, checked against `config` (for fine-tuning).
 
-    Writes its SentencePiece model(s) into `run_dir` (so the run, its checkpoints and its exports
-    use that vocabulary) unless the run already has identical ones.
+    Reads only: the SentencePiece model(s) the run must use are returned, for
+    `write_init_vocabulary` to put into the run directory once everything is checked.
 
     Returns:
-        The loaded `translator.inference.Translator`.
+        `(translator, {file name: SentencePiece model bytes})`.
 
     Raises:
-        InitFromError: the directory cannot be loaded, its architecture differs from the config's
+        InitFromError: the path cannot be loaded, its architecture differs from the config's
             model section (dropout aside), or the run directory holds another vocabulary.
     """
-    from translator.config import ConfigError, load_config
     from translator.inference import load
 
     source = Path(config.training.init_from)
@@ -311,34 +311,21 @@ def load_init_model(config: Config, run_dir: Path):
         init = load(source)
     except (FileNotFoundError, ValueError) as e:
         raise InitFromError(f"training.init_from: {e}") from e
-    if (source / "config.yaml").is_file():
-        try:
-            theirs = load_config(source / "config.yaml")
-        except ConfigError as e:
-            raise InitFromError(f"training.init_from: {source / 'config.yaml'}: {e}") from e
-        ours = config.model.model_dump(exclude={"dropout"})
-        different = {
-            k: (v, ours[k])
-            for k, v in theirs.model.model_dump(exclude={"dropout"}).items()
-            if ours[k] != v
-        }
-        if theirs.tokenizer.joint != config.tokenizer.joint:
-            different["tokenizer.joint"] = (theirs.tokenizer.joint, config.tokenizer.joint)
-        if different:
-            listed = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in different.items())
-            raise InitFromError(
-                f"training.init_from={source} was trained with another architecture ({listed}); "
-                "copy its model section into your config (only dropout may differ)"
-            )
+    theirs = init.model.get_config()  # the whole architecture, whatever the path named
+    ours = config.model.model_dump(exclude={"dropout"})
+    different = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     joint = init.source_tokenizer is init.target_tokenizer or (
         init.source_tokenizer.proto == init.target_tokenizer.proto
     )
-    if config.tokenizer.joint:
-        if not joint:
-            raise InitFromError(
-                f"training.init_from={source} has separate source and target vocabularies: set "
-                "tokenizer.joint: false"
-            )
+    if joint != config.tokenizer.joint:
+        different["tokenizer.joint"] = (joint, config.tokenizer.joint)
+    if different:
+        listed = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in different.items())
+        raise InitFromError(
+            f"training.init_from={source} was trained with another architecture ({listed}); "
+            "copy its model section into your config (only dropout may differ)"
+        )
+    if joint:
         wanted = {"spm.model": init.source_tokenizer.proto}
     else:
         wanted = {
@@ -347,17 +334,27 @@ def load_init_model(config: Config, run_dir: Path):
         }
     for name, proto in wanted.items():
         path = run_dir / name
-        if path.exists():
-            if path.read_bytes() != proto:
-                raise InitFromError(
-                    f"{path} is another SentencePiece model than the one of training.init_from="
-                    f"{source}: use a new --run-dir"
-                )
-        else:
+        if path.exists() and path.read_bytes() != proto:
+            raise InitFromError(
+                f"{path} is another SentencePiece model than the one of training.init_from="
+                f"{source}: use a new --run-dir"
+            )
+    return init, wanted
+
+
+def write_init_vocabulary(run_dir: Path, wanted: dict) -> None:
+    """Writes the SentencePiece model(s) of `load_init_model` that the run directory lacks."""
+    for name, proto in wanted.items():
+        path = run_dir / name
+        if not path.exists():
             tmp = path.with_name(name + ".tmp")
             tmp.write_bytes(proto)
             os.replace(tmp, path)
-    return init
+
+
+def _weight_name(variable) -> str:
+    # Keras numbers layer names per process (gru_cell, gru_cell_2, ...): compare without that.
+    return "/".join(re.sub(r"_\d+$", "", part) for part in variable.path.split("/"))
 
 
 def init_weights_from(model, init, source) -> None:
@@ -369,10 +366,10 @@ def init_weights_from(model, init, source) -> None:
             f"{len(ours)}; the model sections differ"
         )
     for a, b in zip(ours, theirs, strict=True):
-        if tuple(a.shape) != tuple(b.shape):
+        if _weight_name(a) != _weight_name(b) or tuple(a.shape) != tuple(b.shape):
             raise InitFromError(
-                f"training.init_from={source}: weight {b.path} has shape {tuple(b.shape)}, this "
-                f"config's {a.path} {tuple(a.shape)}; the model sections or vocabularies differ"
+                f"training.init_from={source}: weight {b.path} {tuple(b.shape)} would go into "
+                f"{a.path} {tuple(a.shape)}; the model sections or vocabularies differ"
             )
     model.set_weights(init.model.get_weights())
 
@@ -702,7 +699,6 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     distributed = multi_worker or isinstance(strategy, tf.distribute.MirroredStrategy)
     replicas = strategy.num_replicas_in_sync
-    check_run_dir(out_dir)
     checkpoints = run_dir / "checkpoints"
     backup = _WorkerBackup(run_dir / "backup", out_dir / "backup") if multi_worker else None
     interrupted = backup is not None and backup.exists()
@@ -712,11 +708,15 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
             "a new --run-dir"
         )
     fresh = not (interrupted or ckpt.list_checkpoints(checkpoints))
-    init = None  # checked before anything is written into the run directory
+    init = None
     if config.training.init_from and fresh:
-        init = load_init_model(config, run_dir) if chief else None
+        # Every worker checks (and so refuses with the same message) before anything is written.
+        init, init_vocabulary = load_init_model(config, run_dir)
     elif config.training.init_from:
         log.info("training.init_from ignored: the run resumes from its own checkpoints")
+    check_run_dir(out_dir)
+    if init is not None and chief:
+        write_init_vocabulary(run_dir, init_vocabulary)
     if distributed and config.training.jit_compile:
         # Keras compiles the whole step, all-reduce included: XLA can neither place one program
         # on several devices nor (yet) compile collectives on CPU.
@@ -799,11 +799,7 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
         else:
             state = _progress_at(checkpoints, step, t.steps_per_checkpoint)
             log.info("resumed the interrupted run from its backup (step %d)", step)
-    if t.init_from and fresh:
-        if init is None:  # another worker of a multi-worker run: the chief checked it
-            from translator.inference import load
-
-            init = load(t.init_from)
+    if init is not None:
         init_weights_from(model, init, t.init_from)
         log.info("weights initialized from %s (the optimizer starts at step 0)", t.init_from)
         del init
