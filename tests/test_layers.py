@@ -71,6 +71,37 @@ def test_cell_gradients_match_keras(kind):
         assert_close(p, q, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("wrapper", ["rnn", "recurrent"])
+def test_mixed_bfloat16_gradients_follow_float32_ones(kind, wrapper):
+    # Bias gradients sum over batch x time rows: summed in bfloat16 (as CPU BiasAddGrad does)
+    # they lose most of their value past a few thousand rows. Graph mode, XLA off.
+    make = layers.LSTMCell if kind == "lstm" else layers.GRUCell
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(256, 16, 8)).astype("float32"))
+    weights_out = tf.constant(rng.normal(size=(256, 16, 32)).astype("float32"))
+    grads = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        cell = make(32, dtype=policy)
+        cell.build((None, 8))
+        cell.set_weights([np.full(w.shape, 0.05, "float32") for w in cell.get_weights()])
+        if wrapper == "rnn":
+            layer = keras.layers.RNN(cell, return_sequences=True, dtype=policy)
+        else:
+            layer = layers.Recurrent(cell, dtype=policy)
+
+        @tf.function(jit_compile=False)
+        def gradients(x, layer=layer, cell=cell):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(layer(x), tf.float32) * weights_out)
+            return tape.gradient(loss, cell.trainable_variables)
+
+        grads[policy] = [np.asarray(g, "float64") for g in gradients(x)]
+    for ref, got, var in zip(grads["float32"], grads["mixed_bfloat16"], cell.weights, strict=True):
+        error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert error < 0.05, (var.path, error)
+
+
 @pytest.mark.parametrize("kind", sorted(CASES))
 @pytest.mark.parametrize("go_backwards", [False, True])
 def test_recurrent_layer_matches_keras_rnn(kind, go_backwards):

@@ -124,6 +124,20 @@ class _GatedCell(keras.layers.Layer, DropoutRNNCell):
         return {**super().get_config(), **config}
 
 
+def _add_bias(z, bias):
+    """`z + bias` over the last axis.
+
+    In float32, one BiasAdd: oneDNN fuses it into the matmul before it, and its gradient is one
+    BiasAddGrad where a broadcasting add's needs a shape comparison, a sum and a reshape, every
+    step of the recurrence. In bfloat16 the broadcasting add stays: BiasAddGrad on CPU sums the
+    gradient in bfloat16, which loses most of it over a few thousand rows (a test checks).
+    """
+    bias = ops.cast(bias, z.dtype)
+    if z.dtype == tf.float32:
+        return tf.nn.bias_add(z, bias)
+    return z + bias
+
+
 def tree_is_nested(x):
     return isinstance(x, list | tuple)
 
@@ -226,7 +240,7 @@ class LSTMCell(_GatedCell):
         kernel = self.kernel if kernel is None else kernel
         z = ops.matmul(inputs, kernel)
         if self.use_bias:
-            z = z + (self.bias if bias is None else bias)
+            z = _add_bias(z, self.bias if bias is None else bias)
         return z
 
     def recurrent_step(self, projected, states, recurrent_dropout_mask=None, recurrent_kernel=None):
@@ -339,7 +353,7 @@ class GRUCell(_GatedCell):
         z = ops.matmul(inputs, kernel)
         input_bias, _ = self._split_bias(self.bias if bias is None else bias)
         if input_bias is not None:
-            z = z + input_bias
+            z = _add_bias(z, input_bias)
         return z
 
     def recurrent_step(
@@ -355,7 +369,7 @@ class GRUCell(_GatedCell):
             inner = ops.matmul(h_in, rk)
             _, recurrent_bias = self._split_bias(self.bias if bias is None else bias)
             if recurrent_bias is not None:
-                inner = inner + recurrent_bias
+                inner = _add_bias(inner, recurrent_bias)
             r_z, r_r, r_h = ops.split(inner, 3, axis=-1)
             z = self.recurrent_activation(x_z + r_z)
             r = self.recurrent_activation(x_r + r_r)
