@@ -340,3 +340,9 @@ def test_max_steps_holds_to_the_step(corpus, tmp_path):
     assert [h["step"] for h in history(tmp_path / "run")] == [10, 20, 25, 32]
     # Resuming a run that is already at max_steps trains nothing.
     assert train(config, tmp_path / "run", resume=True)["steps"] == 32
+    # With validation every other checkpoint, the last step is validated all the same.
+    settings["training.validate_every"] = "2"
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+    train(config, tmp_path / "sparse")
+    validated = [h["step"] for h in history(tmp_path / "sparse") if "val_bleu" in h]
+    assert validated == [20, 32]

@@ -609,7 +609,11 @@ class _Trainer(keras.callbacks.Callback):
         }
         self.state["chunks"] = epoch + 1
         self.state["train_seconds"] = time.time() - self.train_start
-        if (epoch + 1) % t.validate_every == 0 and self.translator is not None:
+        # The last step is always validated, so the best checkpoint can be the last one.
+        last = (t.max_steps and step >= t.max_steps) or (
+            t.time_limit_minutes and self.state["train_seconds"] >= t.time_limit_minutes * 60
+        )
+        if ((epoch + 1) % t.validate_every == 0 or last) and self.translator is not None:
             bleu = self.validate()
             record["val_bleu"] = bleu
             if bleu > self.state.get("best_bleu", -1.0):
