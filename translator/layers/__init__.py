@@ -1,7 +1,7 @@
 """Public layers: the recurrent cells, the sequence layer that runs them, and attention."""
 
 from translator.layers.attention import BahdanauAttention, LuongAttention, masked_softmax
-from translator.layers.cells import GRUCell, LSTMCell, Recurrent
+from translator.layers.cells import GRUCell, LSTMCell, Recurrent, dense
 
 __all__ = [
     "BahdanauAttention",
@@ -9,5 +9,6 @@ __all__ = [
     "LSTMCell",
     "LuongAttention",
     "Recurrent",
+    "dense",
     "masked_softmax",
 ]
