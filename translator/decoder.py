@@ -5,7 +5,7 @@ import tensorflow as tf
 from keras import ops
 
 from translator.encoder import make_cell
-from translator.layers import BahdanauAttention, LuongAttention
+from translator.layers import BahdanauAttention, LuongAttention, dense
 
 ATTENTIONS = ("luong", "bahdanau")
 
@@ -200,7 +200,7 @@ class AttentionDecoder(keras.layers.Layer):
             feed_kernel = weights.get("feed_kernel")
             if feed_kernel is None:
                 feed_kernel = w[0]["kernel"][self.embedding_dim :]
-            projected = projected + ops.matmul(state["feed"], feed_kernel)
+            projected = projected + dense(state["feed"], feed_kernel)
         x, first = self.cells[0].recurrent_step(
             projected, state["cells"][0], **self._step_kwargs(w[0])
         )
@@ -222,7 +222,7 @@ class AttentionDecoder(keras.layers.Layer):
             weights["attention"],
         )
         attentional = ops.tanh(
-            ops.matmul(ops.concatenate([context, x], axis=-1), weights["attentional"])
+            dense(ops.concatenate([context, x], axis=-1), weights["attentional"])
         )
         return attentional, {"cells": new_cells, "feed": attentional}, probs
 
@@ -241,8 +241,8 @@ class AttentionDecoder(keras.layers.Layer):
             logits = ops.matmul(attentional, ops.transpose(matrix)) + ops.cast(
                 self.output_bias_tied, attentional.dtype
             )
-        else:
-            logits = self.projection(attentional)
+        else:  # the Dense layer's weights, through `dense` for its faster input gradient
+            logits = dense(attentional, self.projection.kernel, self.projection.bias)
         return ops.cast(logits, "float32")
 
     def _layer_dropout_masks(self, batch_size, training):

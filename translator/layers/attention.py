@@ -4,6 +4,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from translator.layers.cells import dense
+
 
 def masked_softmax(scores, mask):
     """Softmax over the last axis that gives exactly 0 to masked (False) positions.
@@ -116,7 +118,7 @@ class BahdanauAttention(_Attention):
         }
 
     def score(self, query, keys, weights):
-        q = ops.matmul(query, weights["query_kernel"]) + weights["bias"]  # (B, units)
+        q = dense(query, weights["query_kernel"], weights["bias"])  # (B, units)
         hidden = ops.tanh(keys + q[:, None, :])  # (B, S, units)
         return ops.matmul(hidden, weights["v"])  # (B, S)
 
