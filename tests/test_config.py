@@ -49,6 +49,14 @@ def test_wrong_type_and_out_of_range_values(tmp_path):
         load_config(None, ["decoding.early_stopping=never"])
 
 
+def test_jit_compile_takes_auto_or_a_boolean():
+    assert Config().training.jit_compile == "auto"
+    assert load_config(None, ["training.jit_compile=false"]).training.jit_compile is False
+    assert load_config(None, ["training.jit_compile=true"]).training.jit_compile is True
+    with pytest.raises(ConfigError, match=r"training.jit_compile.*'auto'"):
+        load_config(None, ["training.jit_compile=sometimes"])
+
+
 def test_inconsistent_settings_are_explained():
     with pytest.raises(ConfigError, match="share_embeddings needs tokenizer.joint"):
         load_config(None, ["tokenizer.joint=false"])

@@ -346,3 +346,50 @@ def test_max_steps_holds_to_the_step(corpus, tmp_path):
     train(config, tmp_path / "sparse")
     validated = [h["step"] for h in history(tmp_path / "sparse") if "val_bleu" in h]
     assert validated == [20, 32]
+
+
+def test_auto_precision_and_xla_resolution(tmp_path, monkeypatch):
+    from translator import training
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse avx512f amx_bf16 amx_tile\n")
+    assert training._cpu_flags(str(cpuinfo)) >= {"amx_bf16", "avx512f"}
+    assert training._cpu_flags(str(tmp_path / "missing")) == set()
+
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert training.resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert training.resolve_precision("auto") == "float32"
+    assert training.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+
+    resolve = training.resolve_jit_compile
+    assert resolve("auto", "float32", distributed=False) is True
+    assert resolve("auto", "mixed_bfloat16", distributed=False) is False
+    assert resolve(True, "mixed_bfloat16", distributed=False) is True  # asked for: kept
+    assert resolve(False, "float32", distributed=False) is False
+    assert resolve(True, "float32", distributed=True) is False  # never under a strategy
+    assert resolve("auto", "float32", distributed=True) is False
+
+
+def test_compile_model_resolves_auto_xla_for_the_dtype_policy():
+    import keras
+
+    from translator.training import build_model, compile_model
+
+    config = load_config(
+        None,
+        [
+            "model.embedding_dim=8",
+            "model.encoder_units=8",
+            "model.decoder_units=8",
+            "model.encoder_layers=1",
+            "model.decoder_layers=1",
+        ],
+    )
+    assert config.training.jit_compile == "auto"
+    assert compile_model(build_model(config, 20, 20), config).jit_compile is True
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        assert compile_model(build_model(config, 20, 20), config).jit_compile is False
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

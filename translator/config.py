@@ -92,10 +92,12 @@ class TrainingConfig(_Section):
     min_learning_rate: Annotated[float, Field(ge=0)] = 1e-5
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     clip_norm: Annotated[float, Field(gt=0)] = 5.0
-    # auto: mixed_bfloat16 when the CPU/GPU supports bfloat16 well, else float32.
+    # auto: mixed_bfloat16 on a CPU with AMX-BF16/AVX512-BF16 or a GPU of compute capability
+    # >= 8.0, else float32.
     precision: Literal["auto", "float32", "mixed_bfloat16"] = "float32"
-    # XLA-compile the training step (faster on this CPU in float32).
-    jit_compile: bool = True
+    # XLA-compile the training step; auto: on in float32, off under mixed_bfloat16 (where XLA's
+    # step is slower on CPU). Always off under a distribution strategy.
+    jit_compile: bool | Literal["auto"] = "auto"
     # Checkpoints kept besides the best one.
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     # tf.distribute strategy: default (one device), mirrored (this machine's GPUs, or its logical

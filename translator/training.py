@@ -151,10 +151,54 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 # -- building blocks ------------------------------------------------------------------------
 
 
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str) -> str:
+    """`training.precision` with `auto` resolved.
+
+    `auto` is `mixed_bfloat16` where bfloat16 matmuls are fast: a CPU with AMX-BF16 or
+    AVX512-BF16 (there the multi30k_lstm model trains 1.4x as fast as in float32, see
+    bench/train.py) or a GPU of compute capability 8.0 or more; else `float32`.
+    """
+    if precision != "auto":
+        return precision
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = [tf.config.experimental.get_device_details(gpu) for gpu in gpus]
+        fast = all(d.get("compute_capability", (0, 0)) >= (8, 0) for d in details)
+        return "mixed_bfloat16" if fast else "float32"
+    return "mixed_bfloat16" if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
+def resolve_jit_compile(jit_compile: bool | str, precision: str, distributed: bool) -> bool:
+    """`training.jit_compile` with `auto` resolved for the (resolved) `precision`.
+
+    `auto` is on in float32 and off under mixed_bfloat16, where XLA's step is slower than
+    TensorFlow's own on CPU (bench/train.py: 2,026 against 1,408 target tokens/s for
+    multi30k_lstm). XLA is always off under a distribution strategy: Keras compiles the whole
+    step, all-reduce included, and XLA can neither place one program on several devices nor
+    (yet) compile collectives on CPU.
+    """
+    if distributed:
+        return False
+    if jit_compile == "auto":
+        return precision == "float32"
+    return bool(jit_compile)
+
+
 def set_precision(precision: str) -> str:
-    """Sets the Keras dtype policy; `auto` picks mixed_bfloat16 only where it is known to pay."""
-    if precision == "auto":
-        precision = "float32"  # bfloat16 needs XLA-free paths to pay on CPU; measured in bench/
+    """Sets the Keras dtype policy from `training.precision` (`auto` resolved); returns it."""
+    precision = resolve_precision(precision)
     keras.mixed_precision.set_global_policy(precision)
     return precision
 
@@ -208,12 +252,20 @@ def build_optimizer(config: Config, replicas: int = 1) -> keras.optimizers.Optim
 
 
 def compile_model(model, config: Config, replicas: int = 1):
-    """Compiles `model`; under a `tf.distribute` strategy call it inside `strategy.scope()`."""
+    """Compiles `model`; under a `tf.distribute` strategy call it inside `strategy.scope()`.
+
+    `training.jit_compile: auto` is resolved for the global dtype policy (see
+    `resolve_jit_compile`).
+    """
+    policy = keras.mixed_precision.global_policy().name
+    precision = "mixed_bfloat16" if policy == "mixed_bfloat16" else "float32"
     model.compile(
         optimizer=build_optimizer(config, replicas),
         loss=MaskedCrossEntropy(config.training.label_smoothing),
         metrics=[TokenAccuracy(), TargetTokens()],
-        jit_compile=config.training.jit_compile,
+        jit_compile=resolve_jit_compile(
+            config.training.jit_compile, precision, tf.distribute.has_strategy()
+        ),
     )
     return model
 
@@ -721,17 +773,19 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
     check_run_dir(out_dir)
     if init is not None and chief:
         write_init_vocabulary(run_dir, init_vocabulary)
-    if distributed and config.training.jit_compile:
-        # Keras compiles the whole step, all-reduce included: XLA can neither place one program
-        # on several devices nor (yet) compile collectives on CPU.
+    if distributed and config.training.jit_compile is True:
         log.info("XLA is off under a distribution strategy (training.jit_compile ignored)")
-        config = config.model_copy(deep=True)
-        config.training.jit_compile = False
     _atomic_write_text(out_dir / "config.yaml", config.to_yaml())
+    keras.utils.set_random_seed(config.training.seed)
+    precision = set_precision(config.training.precision)
+    # The run trains with `auto` resolved (the written config.yaml keeps what was asked for,
+    # so a resumed run resolves it again for the machine it runs on).
+    config = config.model_copy(deep=True)
+    config.training.jit_compile = resolve_jit_compile(
+        config.training.jit_compile, precision, distributed
+    )
     t = config.training
-    keras.utils.set_random_seed(t.seed)
-    precision = set_precision(t.precision)
-    log.info("precision %s, XLA %s", precision, t.jit_compile)
+    log.info("precision %s, XLA %s", precision, "on" if t.jit_compile else "off")
     if distributed:
         log.info(
             "%s: %d replicas%s; a step takes %d batches of %d tokens; peak learning rate %g",
