@@ -91,6 +91,39 @@ def test_projection_dtype_is_a_translator_option(tiny_export_dir):
     ]
 
 
+def test_compute_dtype_is_a_translator_option(tiny_export_dir, monkeypatch):
+    from translator import training
+    from translator.inference import load
+
+    texts = ["one red cat", "big house", "two small dogs"]
+    exact_translator = load(tiny_export_dir)
+    assert exact_translator.compute_dtype is None  # the config default: the model's
+    assert exact_translator.model.decoder.compute_dtype == "float32"
+    fast_translator = load(tiny_export_dir, compute_dtype="bfloat16")
+    assert fast_translator.model.decoder.compute_dtype == "bfloat16"
+    exact = exact_translator.translate(texts, beam_size=3)
+    fast = fast_translator.translate(texts, beam_size=3)
+    for a, b in zip(exact, fast, strict=True):
+        if a.text == b.text:
+            assert abs(a.score - b.score) < 0.05
+    assert [a.score for a in exact] != [b.score for b in fast]  # bfloat16 did run
+    # auto: bfloat16 only where the CPU has bfloat16 matmuls.
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert load(tiny_export_dir, compute_dtype="auto").model.decoder.compute_dtype == "bfloat16"
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2"})
+    assert load(tiny_export_dir, compute_dtype="auto").model.decoder.compute_dtype == "float32"
+    with pytest.raises(ValueError, match="compute_dtype must be one of None, float32, bfloat16"):
+        load(tiny_export_dir, compute_dtype="float16")
+    proc = cli("translate", "--model", str(tiny_export_dir), "--compute-dtype", "bfloat16",
+               "--scores", *texts)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [row.split("\t") for row in proc.stdout.rstrip("\n").split("\n")]
+    assert [row[1] for row in rows] == [r.text for r in fast]
+    np.testing.assert_allclose([float(row[0]) for row in rows], [r.score for r in fast], atol=1e-4)
+    proc = cli("translate", "--model", str(tiny_export_dir), "--compute-dtype", "float16", "x")
+    assert proc.returncode == 2 and "--compute-dtype: invalid choice: 'float16'" in proc.stderr
+
+
 def test_plot_attention_draws_a_labelled_heatmap(tiny_export_dir, tmp_path):
     import matplotlib.image
 

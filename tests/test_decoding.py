@@ -281,6 +281,31 @@ def test_finished_sentences_leave_the_step_functions_batch(search):
     assert int(rows.numpy()) == beam * (3 + 3 + 2 + 2 + 1 + 1)
 
 
+def test_untiled_constants_reach_each_sentences_beams_through_compaction():
+    # tile_constants=False: the step function gets one constants row per live sentence
+    # against beam_size rows of ids each (checked at every step), and once sentences finish
+    # the rows left are those of the sentences still running, in order.
+    shapes = tf.Variable(0)
+
+    def shared_step_fn(ids, state, constants):
+        beams = tf.shape(ids)[0] // tf.shape(constants)[0]
+        check = tf.debugging.assert_equal(
+            tf.shape(ids)[0], beams * tf.shape(constants)[0], message="beams per sentence"
+        )
+        with tf.control_dependencies([check]):
+            shapes.assign_add(tf.shape(constants)[0])
+        return scripted_step_fn(ids, state, tf.repeat(constants, beams, axis=0))
+
+    for beam_size in (3, tf.constant(3)):  # a Python int, and a tensor as in the export
+        shapes.assign(0)
+        tiled = run(decoding.beam_search, **scripted_args(max_length=50), beam_size=beam_size)
+        args = {**scripted_args(max_length=50), "step_fn": shared_step_fn}
+        shared = run(decoding.beam_search, **args, beam_size=beam_size, tile_constants=False)
+        np.testing.assert_array_equal(shared.ids, tiled.ids)
+        np.testing.assert_array_equal(shared.scores, tiled.scores)
+        assert int(shapes.numpy()) == 3 + 3 + 2 + 2 + 1 + 1  # sentences, not rows
+
+
 @pytest.mark.parametrize("width", [300, 8000, 8001])
 @pytest.mark.parametrize("k", [1, 6, 65])
 def test_two_pass_top_k_equals_top_k_ties_included(width, k):

@@ -187,6 +187,44 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
     assert after == before
 
 
+def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path, monkeypatch):
+    import keras
+    import tensorflow as tf
+
+    from translator import training
+    from translator.config import load_config
+    from translator.export import ExportError, export
+    from translator.inference import load
+
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"amx_bf16"})  # auto -> bfloat16
+    version = export(tiny_run_dir, tmp_path / "bf16", compute_dtype="auto")
+    # auto is resolved on the exporting machine: the graph is bfloat16, and so is the record.
+    assert load_config(tmp_path / "bf16" / "config.yaml").decoding.compute_dtype == "bfloat16"
+    assert load_config(tiny_run_dir / "config.yaml").decoding.compute_dtype is None  # untouched
+    # The .keras model stays a float32 model (only decoding is bfloat16) ...
+    model = keras.saving.load_model(tmp_path / "bf16" / "model.keras")
+    assert model.decoder.compute_dtype == "float32"
+    # ... and load() of the export directory decodes as its SavedModel does.
+    translator = load(tmp_path / "bf16")
+    assert translator.model.decoder.compute_dtype == "bfloat16"
+    out = tf.saved_model.load(str(version)).signatures["translate"](
+        text=tf.constant(TEXTS),
+        beam_size=tf.constant(3),
+        n_best=tf.constant(1),
+        length_penalty=tf.constant(0.6),
+    )
+    expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6)
+    assert [t.decode() for t in out["translations"].numpy()[:, 0]] == [r.text for r in expected]
+    np.testing.assert_allclose(
+        out["scores"].numpy()[:, 0], [r.score for r in expected], rtol=1e-5, atol=1e-5
+    )
+    float32 = load(tiny_run_dir).translate(TEXTS, beam_size=3, length_penalty=0.6)
+    assert [r.score for r in float32] != [r.score for r in expected]  # bfloat16 did run
+    with pytest.raises(ExportError, match="compute_dtype must be float32, bfloat16 or auto"):
+        export(tiny_run_dir, tmp_path / "bad", compute_dtype="float16")
+    assert not (tmp_path / "bad").exists()  # checked before anything is written
+
+
 def test_versions_are_numbered_and_never_overwritten(tiny_run_dir, tmp_path):
     from translator.export import ExportError, export
 

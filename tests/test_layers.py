@@ -326,6 +326,35 @@ def test_attention_weights_sum_to_one_and_are_zero_on_padding(attention):
     assert_close(context, np.einsum("bs,bsd->bd", weights, memory))
 
 
+@pytest.mark.parametrize(
+    "attention",
+    [
+        layers.BahdanauAttention(8),
+        layers.LuongAttention(6),
+        layers.LuongAttention(6, score="dot", scale=True),
+    ],
+)
+def test_grouped_attention_equals_attention_over_repeated_memory(attention):
+    # grouped=True: 3 queries per sentence (beams) against one memory row each give what
+    # each query gives against its own copy of the memory.
+    memory = RNG.normal(size=(4, 7, 6)).astype("float32")
+    query = RNG.normal(size=(12, 6)).astype("float32")
+    attention(query[:4], memory, mask=MASK)  # builds
+    if getattr(attention, "scale", False):
+        attention.gain.assign(1.7)
+    weights = attention.read_weights("float32")
+    keys = attention.precompute(memory)
+    context, probs = attention.attend(query, memory, keys, MASK, weights, grouped=True)
+    repeat = lambda x: np.repeat(x, 3, axis=0)  # noqa: E731
+    expected = attention.attend(
+        query, repeat(memory), repeat(np.asarray(keys)), repeat(MASK), weights
+    )
+    assert context.shape == (12, 6) and probs.shape == (12, 7)
+    assert_close(context, expected[0])
+    assert_close(probs, expected[1])
+    assert np.all(np.asarray(probs)[repeat(~MASK)] == 0.0)
+
+
 def test_luong_general_golden_example():
     attention = layers.LuongAttention(2)
     attention.build((None, 2), (None, 3, 2))

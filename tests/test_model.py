@@ -92,6 +92,39 @@ def test_bfloat16_projection_rounds_the_logits_and_nothing_else(tie):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_beam_search_with_shared_constants_equals_tiled_constants(name):
+    # Seq2Seq.step_function(shared_constants=True) with beam_search(tile_constants=False):
+    # the beams of a sentence read its memory once per step; the search is the same.
+    from translator import decoding
+
+    model = tiny_model(**ARCHITECTURES[name])
+    source = np.array([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0], [4, 3, 0, 0, 0]], "int32")
+    constants, state = model.encode(source)
+    search = dict(
+        start_ids=tf.fill([3], 2),
+        end_id=3,
+        initial_state=state,
+        constants=constants,
+        max_length=tf.constant([3, 9, 6]),  # sentences leave the batch at different steps
+        beam_size=tf.constant(4),
+        n_best=2,
+        length_penalty=0.6,
+        coverage_penalty=0.3,
+        return_alignment=True,
+    )
+    tiled = tf.function(lambda: decoding.beam_search(model.step_function(), **search))()
+    shared = tf.function(
+        lambda: decoding.beam_search(
+            model.step_function(shared_constants=True), tile_constants=False, **search
+        )
+    )()
+    np.testing.assert_array_equal(shared.ids, tiled.ids)
+    np.testing.assert_array_equal(shared.lengths, tiled.lengths)
+    assert_close(shared.scores, tiled.scores)
+    assert_close(shared.alignments, tiled.alignments)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_padding_does_not_change_a_sentence(name):
     model = tiny_model(**ARCHITECTURES[name])
     alone = model({"source_ids": SOURCE[1:, :3], "target_in_ids": TARGET_IN[1:, :3]})
@@ -150,6 +183,39 @@ def test_mixed_bfloat16_gives_float32_logits_close_to_float32():
     assert logits.dtype == tf.float32
     assert mixed.decoder.cells[0].kernel.dtype == "float32"  # variables stay float32
     assert_close(logits, reference, atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["lstm_luong_2x2", "gru_bahdanau", "shared_tied"])
+def test_with_compute_dtype_bfloat16_decodes_close_to_float32(name):
+    model = tiny_model(**ARCHITECTURES[name])
+    inputs = {"source_ids": SOURCE, "target_in_ids": TARGET_IN}
+    reference = model(inputs)
+    fast = model.with_compute_dtype("bfloat16")
+    assert fast is not model and keras.config.dtype_policy().name == "float32"  # restored
+    assert model.decoder.compute_dtype == "float32"  # the original is untouched
+    layers = [fast, fast.encoder, fast.decoder, fast.bridge, *fast.decoder.cells]
+    assert {layer.compute_dtype for layer in layers} == {"bfloat16"}
+    for a, b in zip(fast.get_weights(), model.get_weights(), strict=True):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    logits = fast(inputs)
+    assert logits.dtype == tf.float32
+    assert_close(logits, reference, atol=0.05)
+    assert not np.array_equal(np.asarray(logits), np.asarray(reference))  # it ran in bfloat16
+    # The decoding path: the step function of the copy, against the float32 model's.
+    constants, state = model.encode(SOURCE)
+    fast_constants, fast_state = fast.encode(SOURCE)
+    exact, _, exact_attention = model.step_function()(TARGET_IN[:, 0], state, constants)
+    rounded, _, attention = fast.step_function()(TARGET_IN[:, 0], fast_state, fast_constants)
+    assert rounded.dtype == tf.float32
+    assert_close(rounded, exact, atol=0.05)
+    assert_close(attention, exact_attention, atol=0.02)
+    assert model.with_compute_dtype("float32") is model
+    assert fast.with_compute_dtype("bfloat16") is fast
+    back = fast.with_compute_dtype("float32")
+    assert back.decoder.compute_dtype == "float32"
+    assert_close(back(inputs), reference, atol=1e-6)
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16, got 'float16'"):
+        model.with_compute_dtype("float16")
 
 
 def test_overfits_a_tiny_parallel_corpus():

@@ -133,6 +133,10 @@ class DecodingConfig(_Section):
     # The output projection's dtype when decoding: null (the model's compute dtype), float32 or
     # bfloat16 (faster on CPUs with bfloat16 matrix units; see the README's Benchmarks).
     projection_dtype: Literal["float32", "bfloat16"] | None = None
+    # The dtype every decoding matmul runs in: null (the model's), float32, bfloat16 (the model
+    # rebuilt under mixed_bfloat16 for decoding) or auto (bfloat16 where the CPU has AMX-BF16 or
+    # AVX512-BF16 or the GPU is sm_80+, else float32).
+    compute_dtype: Literal["float32", "bfloat16", "auto"] | None = None
 
 
 class Config(_Section):

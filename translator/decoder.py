@@ -182,7 +182,7 @@ class AttentionDecoder(keras.layers.Layer):
             "attentional": cast(self.attentional_layer.kernel),
         }
 
-    def step(self, projected, state, constants, weights, dropout_masks=None):
+    def step(self, projected, state, constants, weights, dropout_masks=None, grouped=False):
         """One decoding step from the embedding half of the first projection.
 
         Args:
@@ -191,6 +191,8 @@ class AttentionDecoder(keras.layers.Layer):
             constants: from `prepare_constants`.
             weights: from `read_weights()`.
             dropout_masks: Optional per-sequence masks `(batch, units)` for layers 1..L-1.
+            grouped: The constants have one row per sentence and `batch` is a multiple of
+                their rows (the beams of a sentence, consecutive; see `attend`).
 
         Returns:
             `(attentional (batch, units), new_state, attention weights (batch, S) float32)`.
@@ -220,6 +222,7 @@ class AttentionDecoder(keras.layers.Layer):
             constants["keys"],
             constants["memory_mask"],
             weights["attention"],
+            grouped=grouped,
         )
         attentional = ops.tanh(
             dense(ops.concatenate([context, x], axis=-1), weights["attentional"])
@@ -287,18 +290,20 @@ class AttentionDecoder(keras.layers.Layer):
         weights["output_bias"] = ops.cast(bias, "float32")
         return weights
 
-    def decode_step(self, ids, state, constants, weights=None):
+    def decode_step(self, ids, state, constants, weights=None, grouped=False):
         """Inference step `(ids (N,), state, constants) -> (logits (N, V), state, attention (N, S))`.
 
         The signature is the step-function contract of `translator.decoding`. Pass `weights`
         from `inference_weights()`, computed outside the decoding loop, to keep weight work out
-        of every step (`Seq2Seq.step_function()` does).
+        of every step (`Seq2Seq.step_function()` does). With `grouped=True` the constants keep
+        one row per sentence for the `N / sentences` consecutive rows of its beams (see
+        `translator.decoding.beam_search`'s `tile_constants`).
         """
         if weights is None:
             weights = self.inference_weights()
         embedded = ops.cast(self.embedding(ids), self.compute_dtype)
         projected = self.cells[0].project_inputs(embedded, kernel=weights["embed_kernel"])
-        attentional, state, probs = self.step(projected, state, constants, weights)
+        attentional, state, probs = self.step(projected, state, constants, weights, grouped=grouped)
         kernel, bias = weights["output_kernel"], weights["output_bias"]
         logits = ops.matmul(ops.cast(attentional, kernel.dtype), kernel)
         return ops.cast(logits, bias.dtype) + bias, state, probs

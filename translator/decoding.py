@@ -178,6 +178,7 @@ def beam_search(
     coverage_penalty=0.0,
     return_alignment=False,
     early_stopping="exact",
+    tile_constants=True,
 ):
     """Beam search with GNMT length and coverage penalties.
 
@@ -224,7 +225,8 @@ def beam_search(
         initial_state: nested structure of `[batch, ...]` tensors; tiled to
             `[batch * beam_size, ...]` here and reordered by parent beam at each step.
         constants: nested structure of `[batch, ...]` tensors; tiled once here and
-            never reordered (the beams of a sentence share them).
+            never reordered (the beams of a sentence share them), unless `tile_constants`
+            is `False`.
         max_length: int32 scalar or `[batch]`, maximum number of generated tokens,
             end id included.
         beam_size: int scalar >= 1.
@@ -235,6 +237,11 @@ def beam_search(
             that returns attention.
         return_alignment: if `True`, also return the attention of every token.
         early_stopping: `"exact"` or `"heuristic"`, when a sentence stops (see above).
+        tile_constants: if `False`, the step function gets the constants untiled, one row
+            per (live) sentence, against `N` rows of ids and state whose consecutive groups
+            of `N / rows` are the beams of one sentence; it must handle that, as
+            `Seq2Seq.step_function(shared_constants=True)` does (its attention then reads
+            each sentence's memory once per step for all its beams).
 
     Returns:
         A `DecodingResult` with the `n_best` hypotheses of each sentence, best first.
@@ -298,7 +305,7 @@ def beam_search(
     constants = () if constants is None else constants
     # Constants are tiled once and shared by the beams of a sentence: never reordered (only
     # compacted when sentences finish, see _run_decode_loop).
-    constants_flat = tile_batch(constants, beam_size)
+    constants_flat = tile_batch(constants, beam_size) if tile_constants else constants
     state_flat = tile_batch(initial_state, beam_size)
     ids_flat = tile_batch(start_ids, beam_size)  # [B*K]
 
@@ -442,7 +449,11 @@ def beam_search(
         advance,
         cond=lambda carry: tf.logical_not(tf.reduce_all(carry["done"])),
         summarize=summarize,
-        compaction=(fill, live_rows),
+        compaction=(fill, live_rows)
+        if tile_constants
+        # The live rows are the consecutive beams of the live sentences: the first row of
+        # each group of beam_size, divided by beam_size, lists those sentences.
+        else (fill, live_rows, lambda rows: tf.reshape(rows, [-1, beam_size])[:, 0] // beam_size),
     )
 
     lengths = carry["finished_lengths"]  # [B, n_best]
@@ -550,10 +561,12 @@ def _run_decode_loop(
         advance: `(step, summary, state, attention, carry) -> (next_ids, state, carry)`.
         cond: `carry -> bool scalar`, whether to run one more step.
         summarize: `(logits [n, V], step) -> dict of [n, ...] tensors`, row by row.
-        compaction: `None`, or a pair `(fill, live_rows)`: `fill` gives each summary the
-            value of the rows not computed (a Python scalar), and `live_rows(carry)` returns
-            the sorted int32 indices of the rows to compute at the next step (the rows of a
-            finished sentence must not matter to `advance` any more).
+        compaction: `None`, or `(fill, live_rows)` or `(fill, live_rows, constant_rows)`:
+            `fill` gives each summary the value of the rows not computed (a Python scalar),
+            `live_rows(carry)` returns the sorted int32 indices of the rows to compute at the
+            next step (the rows of a finished sentence must not matter to `advance` any more),
+            and `constant_rows(rows)` the rows of `constants` they read (default: the same
+            rows; beam search with untiled constants: the rows' sentences).
 
     Returns:
         `(steps, ids, state, carry)` after the last step, `steps` being the number
@@ -564,11 +577,14 @@ def _run_decode_loop(
     num_rows = tf.shape(ids)[0]
 
     def compacted_step(step, ids, state, carry, rows, live_constants):
-        fill, live_rows = compaction
+        fill, live_rows, *rest = compaction
+        constant_rows = rest[0] if rest else (lambda rows: rows)
         new_rows = live_rows(carry)  # a subset of `rows`: equal sizes mean equal sets
         live_constants = tf.cond(
             tf.size(new_rows) < tf.size(rows),
-            lambda: tf.nest.map_structure(lambda c: tf.gather(c, new_rows), constants),
+            lambda: tf.nest.map_structure(
+                lambda c: tf.gather(c, constant_rows(new_rows)), constants
+            ),
             lambda: live_constants,
         )
         gather = lambda t: tf.gather(t, new_rows)  # noqa: E731

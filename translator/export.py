@@ -189,6 +189,7 @@ def _options(translator: Translator) -> dict:
         batch_size=translator.batch_size,
         max_source_length=translator.max_source_length,
         projection_dtype=translator.projection_dtype,
+        compute_dtype=translator.compute_dtype,
     )
 
 
@@ -240,6 +241,7 @@ def export(
     version: int | None = None,
     weights_dtype: str = "float32",
     projection_dtype: str | None = None,
+    compute_dtype: str | None = None,
 ) -> Path:
     """`translator export`: a run or model directory -> an export directory (see module docs).
 
@@ -249,12 +251,15 @@ def export(
     (float32 values) and the SavedModel (float16 storage) translate identically.
     `projection_dtype` (`"float32"` or `"bfloat16"`) replaces the config's
     `decoding.projection_dtype`: the SavedModel's decoder is built with it and the exported
-    `config.yaml` records it.
+    `config.yaml` records it. `compute_dtype` (`"float32"`, `"bfloat16"` or `"auto"`, resolved
+    here, on the exporting machine) likewise replaces `decoding.compute_dtype`: with
+    `"bfloat16"` every matmul of the SavedModel's graph runs in bfloat16 (fast on CPUs with
+    AMX, emulated and slow on CPUs without bfloat16 instructions).
 
     Returns:
         The SavedModel version directory.
     """
-    from translator.inference import load
+    from translator.inference import COMPUTE_DTYPES, load, resolve_compute_dtype
 
     model_path, out_dir = Path(model_path), Path(out_dir)
     if weights_dtype not in WEIGHT_DTYPES:
@@ -262,6 +267,10 @@ def export(
     if projection_dtype not in (None, "float32", "bfloat16"):
         raise ExportError(
             f"projection_dtype must be float32 or bfloat16 (or None), got {projection_dtype!r}"
+        )
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ExportError(
+            f"compute_dtype must be float32, bfloat16 or auto (or None), got {compute_dtype!r}"
         )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +282,14 @@ def export(
     version = next_version(out_dir) if version is None else int(version)
     _check_new_version(out_dir, version)
     source_dir = model_path.parent if model_path.suffix == ".keras" else model_path
-    overrides = {} if projection_dtype is None else {"projection_dtype": projection_dtype}
+    overrides = {
+        name: value
+        for name, value in (
+            ("projection_dtype", projection_dtype),
+            ("compute_dtype", resolve_compute_dtype(compute_dtype)),
+        )
+        if value is not None
+    }
     translator = with_tokenizers(load(model_path, **overrides))
     round_weights(translator.model, weights_dtype)
     _save_keras(translator.model, out_dir / "model.keras")
@@ -282,10 +298,10 @@ def export(
             if (source_dir / name).is_file():
                 _copy_atomic(source_dir / name, out_dir / name)
     final = export_saved_model(translator, out_dir, version, weights_dtype)
-    if projection_dtype is not None:
-        # Recorded once the SavedModel built with it exists, so that `translator.load` of the
+    if overrides:
+        # Recorded once the SavedModel built with them exists, so that `translator.load` of the
         # export directory decodes as the SavedModel does.
-        _write_atomic(out_dir / "config.yaml", _with_projection_dtype(source_dir, projection_dtype))
+        _write_atomic(out_dir / "config.yaml", _with_decoding(source_dir, overrides))
     return final
 
 
@@ -299,18 +315,18 @@ def _check_new_version(out_dir: Path, version: int) -> None:
         )
 
 
-def _with_projection_dtype(source_dir: Path, projection_dtype: str) -> str:
-    """The source's config.yaml with `decoding.projection_dtype` set (only that section if the
-    source has no config: the rest would be invented)."""
+def _with_decoding(source_dir: Path, options: dict) -> str:
+    """The source's config.yaml with `decoding.<name>` set for each of `options` (only the
+    decoding section if the source has no config: the rest would be invented)."""
     import yaml
 
     from translator.config import load_config
 
     config_file = source_dir / "config.yaml"
-    override = f"decoding.projection_dtype={projection_dtype}"
+    overrides = [f"decoding.{name}={value}" for name, value in options.items()]
     if config_file.is_file():
-        return load_config(config_file, [override]).to_yaml()
-    decoding = load_config(None, [override]).decoding.model_dump(mode="json")
+        return load_config(config_file, overrides).to_yaml()
+    decoding = load_config(None, overrides).decoding.model_dump(mode="json")
     return yaml.safe_dump({"decoding": decoding}, sort_keys=False)
 
 

@@ -25,6 +25,18 @@ class Translation:
 
 
 PROJECTION_DTYPES = (None, "float32", "bfloat16")
+COMPUTE_DTYPES = (None, "float32", "bfloat16", "auto")
+
+
+def resolve_compute_dtype(compute_dtype):
+    """`compute_dtype` with `"auto"` resolved: `"bfloat16"` where bfloat16 matmuls are fast (a
+    CPU with AMX-BF16 or AVX512-BF16, or a GPU of compute capability 8.0 or more, as for
+    `training.precision: auto`), else `"float32"`. `None` and explicit dtypes pass through."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    from translator.training import resolve_precision
+
+    return "bfloat16" if resolve_precision("auto") == "mixed_bfloat16" else "float32"
 
 
 class Translator:
@@ -46,6 +58,14 @@ class Translator:
             dtype of the output projection, a decoding step's largest matmul. bfloat16 is faster
             on CPUs with bfloat16 matrix units such as AMX (the README's Benchmarks give its
             speed and BLEU).
+        compute_dtype: `None` (the model's own), `"float32"`, `"bfloat16"` or `"auto"`: the
+            dtype every decoding matmul runs in. `"bfloat16"` decodes with a copy of the model
+            built under the `mixed_bfloat16` policy (`Seq2Seq.with_compute_dtype`; the cells keep
+            their gate equations in float32), so `.model` is that copy; its output projection
+            is bfloat16 too unless `projection_dtype="float32"`. On a CPU with AMX it makes
+            beam search 1.25x as fast for the shipped model at the same BLEU (README,
+            Decoding). `"auto"` picks bfloat16 only where the hardware has bfloat16 matmuls:
+            elsewhere bfloat16 is emulated and slow.
     """
 
     def __init__(
@@ -62,7 +82,17 @@ class Translator:
         batch_size=64,
         max_source_length=256,
         projection_dtype=None,
+        compute_dtype=None,
     ):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                "compute_dtype must be one of "
+                f"{', '.join(map(str, COMPUTE_DTYPES))}, got {compute_dtype!r}"
+            )
+        self.compute_dtype = compute_dtype
+        resolved = resolve_compute_dtype(compute_dtype)
+        if resolved is not None:
+            model = model.with_compute_dtype(resolved)
         self.model = model
         self.source_tokenizer = source_tokenizer
         self.target_tokenizer = target_tokenizer
@@ -143,8 +173,7 @@ class Translator:
             )
             + self.max_length_offset
         )
-        # Weights read here, outside the decoding loop.
-        step_fn = self.model.step_function(self.projection_dtype)
+        # Each branch reads the weights once, outside its decoding loop.
         search = dict(
             start_ids=tf.fill([batch], BOS_ID),
             end_id=EOS_ID,
@@ -157,13 +186,15 @@ class Translator:
         def greedy():
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
-            r = decoding.greedy_search(step_fn, **search)
+            r = decoding.greedy_search(self.model.step_function(self.projection_dtype), **search)
             scores = r.log_probs / decoding.gnmt_length_penalty(r.lengths, length_penalty)
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
             r = decoding.beam_search(
-                step_fn,
+                # The beams of a sentence share its encoder memory: read once per step.
+                self.model.step_function(self.projection_dtype, shared_constants=True),
+                tile_constants=False,
                 beam_size=beam_size,
                 n_best=n_best,
                 length_penalty=length_penalty,
@@ -234,13 +265,19 @@ class Translator:
                 tf.constant(alpha, tf.float32),
                 tf.constant(beta, tf.float32),
             )
+            # One copy to NumPy per batch: slicing the eager tensors row by row cost ~20 ms
+            # per batch of 64, a tenth of greedy decoding's time.
+            keys = ("translations", "scores")
+            if return_alignment:
+                keys += ("source_lengths", "lengths", "source_ids", "ids", "alignments")
+            arrays = {key: out[key].numpy() for key in keys}
             for row, i in enumerate(index):
-                results[i] = self._unpack(out, row, return_alignment)
+                results[i] = self._unpack(arrays, row, return_alignment)
         return results[0] if single else results
 
     def _unpack(self, out, row, return_alignment):
-        texts = [t.decode("utf-8") for t in out["translations"][row].numpy()]
-        scores = [float(s) for s in out["scores"][row].numpy()]
+        texts = [t.decode("utf-8") for t in out["translations"][row]]
+        scores = [float(s) for s in out["scores"][row]]
         result = Translation(
             text=texts[0], score=scores[0], n_best=list(zip(texts, scores, strict=True))
         )
@@ -251,7 +288,7 @@ class Translator:
             target_ids = out["ids"][row, 0, :length]
             result.source_tokens = _pieces(self.source_tokenizer, source_ids)
             result.target_tokens = _pieces(self.target_tokenizer, target_ids)
-            result.alignment = out["alignments"][row, 0, :length, :source_length].numpy()
+            result.alignment = out["alignments"][row, 0, :length, :source_length].copy()
         return result
 
 
@@ -271,6 +308,7 @@ def decoding_options(config) -> dict:
         max_length_offset=d.max_length_offset,
         batch_size=d.batch_size,
         projection_dtype=d.projection_dtype,
+        compute_dtype=d.compute_dtype,
     )
 
 
