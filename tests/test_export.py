@@ -154,8 +154,19 @@ def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, t
     assert [t.decode() for t in out["translation"].numpy()] == [r.text for r in expected]
 
 
-def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_path):
+def translate_beam_3(version):
+    """The `translate` signature of SavedModel `version` on TEXTS, beam 3, length penalty 0.6."""
     import tensorflow as tf
+
+    return tf.saved_model.load(str(version)).signatures["translate"](
+        text=tf.constant(TEXTS),
+        beam_size=tf.constant(3),
+        n_best=tf.constant(1),
+        length_penalty=tf.constant(0.6),
+    )
+
+
+def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_path):
 
     from translator.config import load_config
     from translator.export import ExportError, export
@@ -166,12 +177,7 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
     assert load_config(tiny_run_dir / "config.yaml").decoding.projection_dtype is None  # untouched
     translator = load(tmp_path / "bf16")
     assert translator.projection_dtype == "bfloat16"
-    out = tf.saved_model.load(str(version)).signatures["translate"](
-        text=tf.constant(TEXTS),
-        beam_size=tf.constant(3),
-        n_best=tf.constant(1),
-        length_penalty=tf.constant(0.6),
-    )
+    out = translate_beam_3(version)
     expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6)
     np.testing.assert_allclose(
         out["scores"].numpy()[:, 0], [r.score for r in expected], rtol=1e-5, atol=1e-5
@@ -189,7 +195,6 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
 
 def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path, monkeypatch):
     import keras
-    import tensorflow as tf
 
     from translator import training
     from translator.config import load_config
@@ -207,12 +212,7 @@ def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path
     # ... and load() of the export directory decodes as its SavedModel does.
     translator = load(tmp_path / "bf16")
     assert translator.model.decoder.compute_dtype == "bfloat16"
-    out = tf.saved_model.load(str(version)).signatures["translate"](
-        text=tf.constant(TEXTS),
-        beam_size=tf.constant(3),
-        n_best=tf.constant(1),
-        length_penalty=tf.constant(0.6),
-    )
+    out = translate_beam_3(version)
     expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6)
     assert [t.decode() for t in out["translations"].numpy()[:, 0]] == [r.text for r in expected]
     np.testing.assert_allclose(

@@ -169,12 +169,9 @@ def with_tokenizers(translator: Translator) -> Translator:
     model = translator.model
     if model.source_tokenizer is not None and model.target_tokenizer is not None:
         return translator
-    config = model.get_config()
-    config["source_tokenizer"] = translator.source_tokenizer
-    config["target_tokenizer"] = translator.target_tokenizer
-    clone = type(model).from_config(config)
-    clone.build()
-    clone.set_weights(model.get_weights())
+    clone = model.copy(
+        source_tokenizer=translator.source_tokenizer, target_tokenizer=translator.target_tokenizer
+    )
     return Translator.from_model(clone, **_options(translator))
 
 

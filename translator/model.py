@@ -183,26 +183,29 @@ class Seq2Seq(keras.Model):
         """
         return self.decoder.decode_step(ops.convert_to_tensor(ids, "int32"), state, constants)
 
-    def with_compute_dtype(self, dtype):
-        """This model (if it computes in `dtype` already) or a copy that computes in `dtype`.
+    def copy(self, dtype=None, source_tokenizer=None, target_tokenizer=None):
+        """A new model with this architecture and a copy of this model's weights.
 
-        `dtype` is `"float32"` or `"bfloat16"`. The copy is built from `get_config()` under the
-        `float32` or `mixed_bfloat16` dtype policy and gets a copy of this model's weights
-        (float32 variables either way); it shares the tokenizers. A model trained in float32
-        decodes in bfloat16 this way: every step matmul runs on bfloat16 matrix units (AMX)
-        while the cells keep their gate equations in float32, 1.6x as fast per beam-search step
-        for the shipped model (see `Translator`'s `compute_dtype`).
+        Args:
+            dtype: `"float32"` or `"bfloat16"`: the copy is built under the `float32` or
+                `mixed_bfloat16` dtype policy (float32 variables either way). Default: this
+                model's compute dtype.
+            source_tokenizer, target_tokenizer: The copy's tokenizers (default: this model's,
+                shared, not copied).
         """
         policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+        dtype = dtype or self.decoder.compute_dtype
         if dtype not in policies:
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-        if self.compute_dtype == dtype and self.decoder.compute_dtype == dtype:
-            return self
         if not self.built:
             self.build()
         config = self.get_config()
-        config["source_tokenizer"] = self.source_tokenizer
-        config["target_tokenizer"] = self.target_tokenizer
+        if source_tokenizer is None:
+            source_tokenizer = self.source_tokenizer
+        if target_tokenizer is None:
+            target_tokenizer = self.target_tokenizer
+        config["source_tokenizer"] = source_tokenizer
+        config["target_tokenizer"] = target_tokenizer
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(policies[dtype])
         try:
@@ -212,6 +215,18 @@ class Seq2Seq(keras.Model):
             keras.config.set_dtype_policy(previous)
         clone.set_weights(self.get_weights())
         return clone
+
+    def with_compute_dtype(self, dtype):
+        """This model (if it computes in `dtype` already) or a `copy` that computes in `dtype`.
+
+        `dtype` is `"float32"` or `"bfloat16"`. A model trained in float32 decodes in bfloat16
+        this way: every step matmul runs on bfloat16 matrix units (AMX) while the cells keep
+        their gate equations in float32, 1.6x as fast per beam-search step for the shipped
+        model (see `Translator`'s `compute_dtype`).
+        """
+        if self.compute_dtype == dtype and self.decoder.compute_dtype == dtype:
+            return self
+        return self.copy(dtype)
 
     def step_function(self, projection_dtype=None, shared_constants=False):
         """`decode_step` with its weights read once, here, instead of at every step.
