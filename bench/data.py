@@ -101,11 +101,12 @@ def main(argv=None):
 
 def model_batches_per_second(config, dataset, tokenizer, steps, warmup=40):
     """Training steps per second of `config`'s model on batches taken from `dataset`."""
-    from translator.training import build_model, compile_model, set_precision
+    from translator.hardware import resolve_precision
+    from translator.training import build_model, compile_model, dtype_policy
 
-    set_precision(config.training.precision)
     vocab = tokenizer.vocabulary_size()
-    model = build_model(config, vocab, vocab)
+    with dtype_policy(resolve_precision(config.training.precision)):
+        model = build_model(config, vocab, vocab)
     compile_model(model, config)
     batches = list(dataset.take(warmup + steps))
     for inputs, target_out, _ in batches[:warmup]:

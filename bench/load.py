@@ -19,15 +19,14 @@ import argparse
 import asyncio
 import gzip
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+
+from translator.server.testing import start_server, stop_server, wait_ready
 
 FALLBACK_SENTENCES = [
     "A man in an orange hat starring at something.",
@@ -61,35 +60,6 @@ def sentences(data_dir: str | None) -> tuple[list[str], str]:
             if lines:
                 return lines, str(path)
     return FALLBACK_SENTENCES, "built-in sample (no Multi30k test file found)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "translator.cli", "serve", "--model", model]
-    command += ["--host", "127.0.0.1", "--port", str(port), *extra]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(url: str, proc: subprocess.Popen | None, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} was not ready within {seconds:.0f} s")
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -164,17 +134,16 @@ def main(argv=None) -> int:
         if urlparse(url).hostname not in LOOPBACK:
             parser.error("only loopback servers (127.0.0.1, localhost, ::1) may be load-tested")
     else:
-        proc, url = start_server(args.model, args.server_arg)
+        proc, url = start_server(args.model, *args.server_arg)
     try:
-        wait_ready(url, proc, 300)
+        if not wait_ready(url, proc, 300):
+            if proc is not None and proc.poll() is not None:
+                raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"{url} was not ready within 300 s")
         return run(url, args)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 def run(url: str, args) -> int:

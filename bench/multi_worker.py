@@ -15,7 +15,6 @@ second process.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,17 +22,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def train(run_dir, sets, workers=1, timeout=1800):
@@ -49,9 +37,9 @@ def train(run_dir, sets, workers=1, timeout=1800):
             )
         )
     else:
-        cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
-        for index in range(workers):
-            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        from translator.training import loopback_cluster
+
+        for tf_config in loopback_cluster(workers):
             procs.append(
                 subprocess.Popen(
                     [*command, "--strategy", "multi_worker"],

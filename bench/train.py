@@ -101,12 +101,12 @@ def real_batches(config, n):
 
 
 def measure(config, batches, vocab, precision, jit, warmup, steps):
-    from translator.training import build_model, compile_model
+    from translator.training import build_model, compile_model, dtype_policy
 
-    keras.mixed_precision.set_global_policy(precision)
     config = config.model_copy(deep=True)
     config.training.jit_compile = jit
-    model = build_model(config, vocab, vocab)
+    with dtype_policy(precision):
+        model = build_model(config, vocab, vocab)
     compile_model(model, config)
     for inputs, target_out, _ in batches[:warmup]:
         model.train_on_batch(inputs, target_out)
@@ -119,7 +119,6 @@ def measure(config, batches, vocab, precision, jit, warmup, steps):
         tokens += float(np.count_nonzero(target_out.numpy()))
         flops += 3 * forward_flops(config.model, b, s, t, vocab, vocab)
     elapsed = time.perf_counter() - start
-    keras.mixed_precision.set_global_policy("float32")
     return tokens / elapsed, flops / elapsed, model.count_params()
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -54,6 +51,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from translator.server.testing import start_server, stop_server, wait_ready  # noqa: E402
+
 SERVER_START_TIMEOUT = 180  # imports TensorFlow and traces the translation graph
 WAIT = 90  # one translation request through the page (the first one traces the graph)
 SENTENCES = ["one red cat", "two big dogs"]
@@ -61,46 +60,23 @@ DESKTOP = (1280, 900)
 PHONE = (390, 844)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_export_dir, tmp_path_factory):
-    """`translator serve` on a free loopback port; yields its base URL and kills it afterwards."""
-    port = _free_port()
+    """`translator serve` on a free loopback port; yields its base URL and stops it afterwards."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "translator.cli", "serve", "--model", str(tiny_export_dir)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}/"
+        proc, url = start_server(tiny_export_dir, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
+        # /readyz: the model is loaded and warmed up (GET / answers before that)
+        if not wait_ready(url, proc, SERVER_START_TIMEOUT):
             if proc.poll() is not None:
                 pytest.fail(f"translator serve exited with {proc.returncode}:\n{_tail(log_path)}")
-            try:  # /readyz: the model is loaded and warmed up (GET / answers before that)
-                if httpx.get(base + "readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"translator serve not up after {SERVER_START_TIMEOUT}s:\n{_tail(log_path)}"
-                )
-            time.sleep(0.5)
-        yield base
+            pytest.fail(
+                f"translator serve not up after {SERVER_START_TIMEOUT}s:\n{_tail(log_path)}"
+            )
+        yield url + "/"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop_server(proc, timeout=15)
 
 
 def _tail(path, n=40):

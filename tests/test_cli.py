@@ -92,7 +92,7 @@ def test_projection_dtype_is_a_translator_option(tiny_export_dir):
 
 
 def test_compute_dtype_is_a_translator_option(tiny_export_dir, monkeypatch):
-    from translator import training
+    from translator import hardware
     from translator.inference import load
 
     texts = ["one red cat", "big house", "two small dogs"]
@@ -108,9 +108,9 @@ def test_compute_dtype_is_a_translator_option(tiny_export_dir, monkeypatch):
             assert abs(a.score - b.score) < 0.05
     assert [a.score for a in exact] != [b.score for b in fast]  # bfloat16 did run
     # auto: bfloat16 only where the CPU has bfloat16 matmuls.
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert load(tiny_export_dir, compute_dtype="auto").model.decoder.compute_dtype == "bfloat16"
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
     assert load(tiny_export_dir, compute_dtype="auto").model.decoder.compute_dtype == "float32"
     with pytest.raises(ValueError, match="compute_dtype must be one of None, float32, bfloat16"):
         load(tiny_export_dir, compute_dtype="float16")

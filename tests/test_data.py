@@ -481,6 +481,77 @@ def test_eval_batches_restore_the_input_order(tokenizer):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TRANSLATOR_DATA_DIR"), reason="TRANSLATOR_DATA_DIR not set")
+def _write_documents(folder, corpus, documents):
+    """`documents`: {name: number of lines}; writes train.{en,fr,ids}.gz of a document corpus."""
+    rows = [(name, i) for name, count in documents.items() for i in range(count)]
+    _write_gz(folder / corpus / "train.en.gz", [f"{name} sentence {i}." for name, i in rows])
+    _write_gz(folder / corpus / "train.fr.gz", [f"{name} phrase {i}." for name, i in rows])
+    _write_gz(folder / corpus / "train.ids.gz", [f"{name}\ttext\tSection:{i}" for name, i in rows])
+
+
+@pytest.mark.parametrize("corpus", ["justice-canada", "python-docs-fr"])
+def test_document_corpora_hold_out_whole_documents(tmp_path, corpus):
+    documents = {f"doc-{i}.po": 3 for i in range(400)}
+    _write_documents(tmp_path, corpus, documents)
+    splits = {
+        split: load_pairs(corpus, split, data_dir=str(tmp_path))
+        for split in ("train", "validation", "test")
+    }
+    seen = {split: {en.split(" ")[0] for en, _ in pairs} for split, pairs in splits.items()}
+    # Every line of a document lands in its document's split, and the splits cover the corpus.
+    for split, names in seen.items():
+        assert names == {name for name in documents if data.document_split(corpus, name) == split}
+        assert len(splits[split]) == 3 * len(names)
+    assert sum(len(names) for names in seen.values()) == len(documents)
+    assert seen["test"] and seen["validation"]  # 400 documents: some land in each held-out set
+    assert len(load_pairs(corpus, "val", data_dir=str(tmp_path))) == len(splits["validation"])
+    en, fr = splits["train"][0]
+    assert en.replace("sentence", "phrase") == fr  # aligned
+
+
+def test_document_corpus_with_a_short_ids_file_is_an_error(tmp_path):
+    _write_documents(tmp_path, "python-docs-fr", {"a.po": 4})
+    _write_gz(tmp_path / "python-docs-fr" / "train.ids.gz", ["a.po"] * 3)
+    with pytest.raises(DataError, match=r"train.ids.gz has 3 lines"):
+        load_pairs("python-docs-fr", "train", data_dir=str(tmp_path))
+
+
+def test_missing_document_corpus_says_what_to_put_where(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_pairs("justice-canada", "train", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "train.en.gz, train.fr.gz, train.ids.gz" in message
+    assert str(tmp_path / "justice-canada") in message and "README" in message
+
+
+def test_news_splits_are_the_wmt_sets(tmp_path):
+    for i, name in enumerate((*data.NEWS_TRAIN_SETS, data.NEWS_DEV_SET)):
+        _write_gz(tmp_path / "news" / f"{name}.en.gz", [f"{name} en {j}" for j in range(i + 1)])
+        _write_gz(tmp_path / "news" / f"{name}.fr.gz", [f"{name} fr {j}" for j in range(i + 1)])
+    train = load_pairs("news", "train", data_dir=str(tmp_path))
+    assert len(train) == sum(range(1, len(data.NEWS_TRAIN_SETS) + 1))
+    assert {en.split(" ")[0] for en, _ in train} == set(data.NEWS_TRAIN_SETS)
+    dev = load_pairs("news", "newstest2013", data_dir=str(tmp_path))
+    assert dev == load_pairs("news", "val", data_dir=str(tmp_path))
+    assert dev[0] == ("newstest2013 en 0", "newstest2013 fr 0") and len(dev) == 7
+    assert len(load_pairs("news", "newstest2010", data_dir=str(tmp_path))) == 4
+    with pytest.raises(DataError, match="Valid choices: train, val"):
+        load_pairs("news", "newstest2014", data_dir=str(tmp_path))
+
+
+def test_missing_news_names_the_files_and_sacrebleu(tmp_path, monkeypatch):
+    import sacrebleu.utils
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(sacrebleu.utils, "get_source_file", offline)
+    with pytest.raises(DataError) as error:
+        load_pairs("news", "newstest2013", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "newstest2013.en.gz" in message and "sacrebleu -t wmt13 -l en-fr" in message
+
+
 def test_real_corpora_split_sizes():
     sizes = {split: len(load_pairs("multi30k", split)) for split in ("train", "val", "test")}
     assert sizes == {"train": 29_000, "val": 1_014, "test": 1_000}
@@ -494,6 +565,11 @@ def test_real_corpora_split_sizes():
     english = {split: {en for en, _ in pairs} for split, pairs in tatoeba.items()}
     assert not english["train"] & (english["validation"] | english["test"])
     assert not english["validation"] & english["test"]
+    news = {split: len(load_pairs("news", split)) for split in ("train", "newstest2013")}
+    assert news == {"train": 13_573, "newstest2013": 3_000}
+    for corpus, total in (("justice-canada", 544_670), ("python-docs-fr", 30_752)):
+        sizes = [len(load_pairs(corpus, split)) for split in ("train", "validation", "test")]
+        assert sum(sizes) <= total and min(sizes) > 1_000  # held-out sets of whole documents
 
 
 def test_pad_to_bucket_gives_one_shape_per_bucket(tmp_path):

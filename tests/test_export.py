@@ -196,12 +196,12 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
 def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path, monkeypatch):
     import keras
 
-    from translator import training
+    from translator import hardware
     from translator.config import load_config
     from translator.export import ExportError, export
     from translator.inference import load
 
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"amx_bf16"})  # auto -> bfloat16
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16"})  # auto -> bfloat16
     version = export(tiny_run_dir, tmp_path / "bf16", compute_dtype="auto")
     # auto is resolved on the exporting machine: the graph is bfloat16, and so is the record.
     assert load_config(tmp_path / "bf16" / "config.yaml").decoding.compute_dtype == "bfloat16"

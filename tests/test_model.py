@@ -95,12 +95,12 @@ def test_bfloat16_projection_rounds_the_logits_and_nothing_else(tie):
 def test_beam_search_with_shared_constants_equals_tiled_constants(name):
     # Seq2Seq.step_function(shared_constants=True) with beam_search(tile_constants=False):
     # the beams of a sentence read its memory once per step; the search is the same.
-    from translator import decoding
+    from translator import search
 
     model = tiny_model(**ARCHITECTURES[name])
     source = np.array([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0], [4, 3, 0, 0, 0]], "int32")
     constants, state = model.encode(source)
-    search = dict(
+    search_args = dict(
         start_ids=tf.fill([3], 2),
         end_id=3,
         initial_state=state,
@@ -112,10 +112,10 @@ def test_beam_search_with_shared_constants_equals_tiled_constants(name):
         coverage_penalty=0.3,
         return_alignment=True,
     )
-    tiled = tf.function(lambda: decoding.beam_search(model.step_function(), **search))()
+    tiled = tf.function(lambda: search.beam_search(model.step_function(), **search_args))()
     shared = tf.function(
-        lambda: decoding.beam_search(
-            model.step_function(shared_constants=True), tile_constants=False, **search
+        lambda: search.beam_search(
+            model.step_function(shared_constants=True), tile_constants=False, **search_args
         )
     )()
     np.testing.assert_array_equal(shared.ids, tiled.ids)

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,14 +34,18 @@ from translator.server import (
     ApiError,
     Backend,
     BackendError,
+    BodyLimitMiddleware,
+    Metrics,
     MicroBatcher,
     ModelInputError,
     RemoteBackend,
+    RequestMetricsMiddleware,
     SavedModelBackend,
     ServerSettings,
     create_app,
     decoding_defaults,
 )
+from translator.server.testing import free_port, start_server, stop_server, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["one red cat", "big house", "", "two small dogs and a green tree"]
@@ -379,7 +382,8 @@ def test_micro_batcher_merges_equal_options_and_gives_each_request_its_rows():
     assert all(len(texts) <= 8 for _, texts, _ in calls if not texts[0].startswith("big"))
     assert len(calls) == 4  # 8 + 4 texts with k=1, the k=2 request, the big one alone
     assert {s for _, _, s in calls} == {(("k", 1),), (("k", 2),)}
-    assert metrics.batch_requests.count == 4 and metrics.batch_requests.sum == 8
+    assert metrics.registry.get_sample_value("translator_batch_requests_count") == 4
+    assert metrics.registry.get_sample_value("translator_batch_requests_sum") == 8
 
 
 def test_micro_batcher_isolates_a_failing_request_and_sheds_load():
@@ -485,27 +489,31 @@ def _metric(text, name):
 
 
 def test_metrics_are_prometheus_text(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
     client.post("/v1/translate", json=VALID)
     client.post("/v1/translate", json={"text": 1})
     response = client.get("/metrics")
-    assert response.headers["content-type"].startswith("text/plain")
-    text = response.text
-    assert re.search(
-        r'translator_http_requests_total\{route="/v1/translate",method="POST",status="200"\} \d+',
-        text,
-    )
-    assert re.search(
-        r'translator_http_requests_total\{route="/v1/translate",method="POST",status="422"\} \d+',
-        text,
-    )
-    assert 'translator_http_request_duration_seconds_bucket{route="/v1/translate",le="0.1"}' in text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    for status in ("200", "422"):
+        labels = (("method", "POST"), ("route", "/v1/translate"), ("status", status))
+        assert samples[("translator_http_requests_total", labels)] >= 1
+    bucket = (("le", "0.1"), ("route", "/v1/translate"))
+    assert ("translator_http_request_duration_seconds_bucket", bucket) in samples
     for name in (
         "translator_batch_texts_count",
         "translator_queue_depth",
         "translator_model_ready",
         "process_resident_memory_bytes",
     ):
-        assert re.search(rf"^{name} \d+", text, re.M), name
+        assert (name, ()) in samples, name
+    assert samples[("translator_model_ready", ())] == 1
+    assert not any(name.endswith("_created") for name, _ in samples)
 
 
 # -- readiness ---------------------------------------------------------------------------------
@@ -535,15 +543,13 @@ class SlowBackend(Backend):
 
 
 def test_a_client_leaving_mid_body_is_counted_as_499_not_as_a_server_error():
-    from translator.server import LimitsMiddleware, Metrics
-
     reached = []
 
     async def app(scope, receive, send):  # never reached: the body never arrived
         reached.append(scope)
 
     metrics = Metrics()
-    middleware = LimitsMiddleware(app, max_body_bytes=1000, metrics=metrics)
+    middleware = RequestMetricsMiddleware(BodyLimitMiddleware(app, max_body_bytes=1000), metrics)
     messages = iter(
         [{"type": "http.request", "body": b'{"text": ', "more_body": True},
          {"type": "http.disconnect"}]
@@ -559,7 +565,12 @@ def test_a_client_leaving_mid_body_is_counted_as_499_not_as_a_server_error():
     scope = {"type": "http", "method": "POST", "path": "/v1/translate", "headers": []}
     asyncio.run(middleware(scope, receive, send))
     assert not reached and not sent
-    assert metrics.requests == {("unmatched", "POST", "499"): 1}
+    counts = {
+        tuple(sample.labels.values()): sample.value
+        for sample in metrics.requests.collect()[0].samples
+        if sample.name.endswith("_total")
+    }
+    assert counts == {("unmatched", "POST", "499"): 1}
 
 
 def test_healthz_answers_at_once_and_readyz_waits_for_the_model(tiny_export_dir):
@@ -592,12 +603,6 @@ def test_healthz_answers_at_once_and_readyz_waits_for_the_model(tiny_export_dir)
 
 
 # -- the TF Serving backend --------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(client, seconds=60):
@@ -683,7 +688,7 @@ def test_remote_backend_forwards_to_tf_serving(client, tiny_export_dir):
 
 
 def test_remote_backend_waits_for_tf_serving_to_come_up(tiny_export_dir):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     remote = RemoteBackend(url, "tiny", timeout=5)
     with TestClient(create_app(remote, ServerSettings(model_name="tiny", backend=url))) as gateway:
@@ -761,7 +766,7 @@ def test_openapi_and_docs(client):
 
 
 def test_the_page_and_its_files_are_served(backend, settings, tmp_path, monkeypatch):
-    import translator.server as server
+    import translator.server.app as server
 
     (tmp_path / "index.html").write_text('<link href="static/style.css"><script src="app.js">')
     (tmp_path / "style.css").write_text("body{}")
@@ -789,26 +794,15 @@ def test_the_page_ships_with_the_package():
 
 
 def test_translator_serve_runs_uvicorn_batches_and_stops_cleanly(tiny_export_dir, tmp_path):
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "translator.cli", "serve", "--model", str(tiny_export_dir)]
-    command += ["--port", str(port), "--max-wait-ms", "20"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc, base = start_server(
+            tiny_export_dir, "--max-wait-ms", "20", stdout=log, stderr=subprocess.STDOUT
+        )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("server not ready in time:\n" + log_path.read_text()[-3000:])
+        ready = wait_ready(base, proc, 180)
+        assert ready, "server not ready in time:\n" + log_path.read_text()[-3000:]
         with httpx.Client(base_url=base, timeout=60) as http:
             assert http.post("/v1/translate", json=VALID).status_code == 200
             assert http.post("/v1/translate", content=b"{", headers=JSON).status_code == 400
@@ -838,12 +832,7 @@ def test_translator_serve_runs_uvicorn_batches_and_stops_cleanly(tiny_export_dir
         assert bench.returncode == 0, bench.stdout + bench.stderr
         assert "errors" in bench.stdout and "gain" in bench.stdout
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = stop_server(proc)
     # uvicorn shuts down gracefully, then re-raises the signal it caught (so the exit status
     # says "terminated by SIGTERM", as process supervisors expect).
     log_text = log_path.read_text()

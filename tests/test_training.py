@@ -202,12 +202,12 @@ def test_unwritable_run_dir_fails_before_training(tmp_path, corpus):
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):
     import shutil
 
-    from translator import training
+    from translator.training import check_run_dir
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda _: usage._replace(free=10 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10 << 20))
     with pytest.raises(OSError, match="MiB free"):
-        training.check_run_dir(tmp_path / "run")
+        check_run_dir(tmp_path / "run")
 
 
 def test_learning_rate_schedule_warmup_and_decay():
@@ -349,20 +349,27 @@ def test_max_steps_holds_to_the_step(corpus, tmp_path):
 
 
 def test_auto_precision_and_xla_resolution(tmp_path, monkeypatch):
-    from translator import training
+    from translator import hardware
+    from translator.training import resolve_jit_compile
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor : 0\nflags : fpu sse avx512f amx_bf16 amx_tile\n")
-    assert training._cpu_flags(str(cpuinfo)) >= {"amx_bf16", "avx512f"}
-    assert training._cpu_flags(str(tmp_path / "missing")) == set()
+    assert hardware.cpu_flags(str(cpuinfo)) >= {"amx_bf16", "avx512f"}
+    assert hardware.cpu_flags(str(tmp_path / "missing")) == set()
 
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
-    assert training.resolve_precision("auto") == "mixed_bfloat16"
-    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f"})
-    assert training.resolve_precision("auto") == "float32"
-    assert training.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    monkeypatch.setattr(hardware, "gpu_compute_capabilities", lambda: [])
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert hardware.resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert hardware.resolve_precision("auto") == "float32"
+    assert hardware.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    # With GPUs, their compute capability decides (bfloat16 tensor cores from 8.0 on).
+    monkeypatch.setattr(hardware, "gpu_compute_capabilities", lambda: [(8, 0), (9, 0)])
+    assert hardware.resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(hardware, "gpu_compute_capabilities", lambda: [(8, 0), (7, 5)])
+    assert hardware.resolve_precision("auto") == "float32"
 
-    resolve = training.resolve_jit_compile
+    resolve = resolve_jit_compile
     assert resolve("auto", "float32", distributed=False) is True
     assert resolve("auto", "mixed_bfloat16", distributed=False) is False
     assert resolve(True, "mixed_bfloat16", distributed=False) is True  # asked for: kept
@@ -372,9 +379,7 @@ def test_auto_precision_and_xla_resolution(tmp_path, monkeypatch):
 
 
 def test_compile_model_resolves_auto_xla_for_the_dtype_policy():
-    import keras
-
-    from translator.training import build_model, compile_model
+    from translator.training import build_model, compile_model, dtype_policy
 
     config = load_config(
         None,
@@ -388,8 +393,26 @@ def test_compile_model_resolves_auto_xla_for_the_dtype_policy():
     )
     assert config.training.jit_compile == "auto"
     assert compile_model(build_model(config, 20, 20), config).jit_compile is True
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        assert compile_model(build_model(config, 20, 20), config).jit_compile is False
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    with dtype_policy("mixed_bfloat16"):
+        model = build_model(config, 20, 20)
+    assert compile_model(model, config).jit_compile is False  # the model's policy decides
+
+
+def test_train_leaves_the_global_dtype_policy_as_it_found_it(corpus, tmp_path):
+    import keras
+
+    from translator.training import train
+
+    os.environ["TRANSLATOR_QUIET"] = "1"
+    settings = {
+        "training.precision": "mixed_bfloat16",
+        "training.max_steps": "2",
+        "training.steps_per_checkpoint": "2",
+    }
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+    before = keras.config.dtype_policy().name
+    summary = train(config, tmp_path / "run")
+    assert summary["precision"] == "mixed_bfloat16" and summary["steps"] == 2
+    assert keras.config.dtype_policy().name == before
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=False)
+    assert model.dtype_policy.name == "float32"  # saved as a float32 model all the same

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory `ckpt-<step>/` holding `model.weights.h5`, `optimizer.npz`,
 `state.json` and, written last, `manifest.json` with the SHA-256 of each file. It is written under
-a temporary name and renamed into place, so a process killed mid-write leaves at most a
-`*.tmp` directory that is ignored (and cleaned up) later, never a half-written checkpoint. A
+a temporary name and renamed into place (`translator.files.atomic_path`), so a process killed
+mid-write leaves at most a `*.tmp` directory that is ignored (and cleaned up) later, never a
+half-written checkpoint. A
 checkpoint whose manifest is missing or whose files do not match it is reported and skipped in
 favour of the previous good one.
 """
@@ -13,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+from translator.files import atomic_path
 
 log = logging.getLogger("translator.checkpoint")
 
@@ -36,17 +38,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -76,32 +67,23 @@ def save_checkpoint(directory, step, model, optimizer, state, keep=2, protect=()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{step:08d}"
-    tmp = directory / f"ckpt-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_weights(tmp / "model.weights.h5")
-    values = {f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    # Write through a file object: np.savez would append ".npz" to a name without it.
-    with open(tmp / "optimizer.npz", "wb") as f:
-        np.savez(f, **values)
-    (tmp / "state.json").write_text(json.dumps({**state, "step": int(step)}, indent=1))
-    manifest = {name: _sha256(tmp / name) for name in FILES}
-    for name in FILES:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    with atomic_path(final, directory=True) as tmp:  # fsyncs every file, renames, fsyncs
+        model.save_weights(tmp / "model.weights.h5")
+        values = {f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+        # Write through a file object: np.savez would append ".npz" to a name without it.
+        with open(tmp / "optimizer.npz", "wb") as f:
+            np.savez(f, **values)
+        (tmp / "state.json").write_text(json.dumps({**state, "step": int(step)}, indent=1))
+        manifest = {name: _sha256(tmp / name) for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        if final.exists():  # the rename replaces only an empty directory
+            shutil.rmtree(final)
     for old in list_checkpoints(directory)[:-keep]:
         if old.name not in protect and old != final:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob("ckpt-*.tmp"):
+    # Left by writers killed mid-write: `.ckpt-<step>.<random>.tmp` (and `ckpt-<step>.tmp`,
+    # the name of earlier versions).
+    for stale in [*directory.glob(".ckpt-*.tmp"), *directory.glob("ckpt-*.tmp")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

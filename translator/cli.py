@@ -63,9 +63,29 @@ def cmd_plot_training(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from translator.evaluation import evaluate_cli
+    from translator.evaluation import evaluate, load_test_set, write_hypotheses
+    from translator.inference import load
 
-    return evaluate_cli(args)
+    translator = load(args.model, **decoding_overrides(args))
+    sources, references, label = load_test_set(
+        args.corpus, args.split, args.data_dir, args.source, args.reference
+    )
+    beam = args.beam_size if args.beam_size is not None else translator.beam_size
+    result = evaluate(translator, sources, references, args.beam_size, args.length_penalty)
+    output = args.output or os.path.join(
+        args.model if os.path.isdir(args.model) else os.path.dirname(args.model),
+        f"hyp.{label}.beam{beam}.txt",
+    )
+    write_hypotheses(output, result["hypotheses"])
+    print(f"{label}, beam {beam}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}")
+    print(f"  {result['bleu_detail']}")
+    print(f"  BLEU signature: {result['bleu_signature']}")
+    print(f"  chrF signature: {result['chrf_signature']}")
+    print(f"  hypotheses: {output}")
+    summary = {k: v for k, v in result.items() if k != "hypotheses"}
+    summary.update(label=label, beam_size=beam)
+    logging.getLogger("translator.evaluation").debug(json.dumps(summary))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -83,18 +103,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _choices(name: str) -> list[str]:
+    from translator.config import DecodingConfig, field_choices
+
+    return field_choices(DecodingConfig, name)
+
+
 def add_decoding_arguments(parser) -> None:
     """The decoding options of `translate` and `evaluate` that override the model's config."""
     parser.add_argument(
         "--early-stopping",
-        choices=["heuristic", "exact"],
+        choices=_choices("early_stopping"),
         default=None,
         help="when beam search stops a sentence (default: the model's config.yaml): heuristic "
         "once a beam ending now could not win; exact once none could win at the maximum length",
     )
     parser.add_argument(
         "--projection-dtype",
-        choices=["float32", "bfloat16"],
+        choices=_choices("projection_dtype"),
         default=None,
         help="dtype of the output projection, a decoding step's largest matmul (default: the "
         "model's config.yaml, else the model's dtype); bfloat16 is faster on CPUs with bfloat16 "
@@ -102,7 +128,7 @@ def add_decoding_arguments(parser) -> None:
     )
     parser.add_argument(
         "--compute-dtype",
-        choices=["float32", "bfloat16", "auto"],
+        choices=_choices("compute_dtype"),
         default=None,
         help="dtype of every decoding matmul (default: the model's config.yaml, else the "
         "model's dtype); bfloat16 decodes with the model rebuilt under mixed_bfloat16, faster on "
@@ -148,18 +174,9 @@ def cmd_translate(args) -> int:
 def cmd_serve(args) -> int:
     from translator.server import ServerSettings, serve
 
-    settings = ServerSettings(
-        model=args.model,
-        model_name=args.model_name,
-        backend=args.backend,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_text_chars=args.max_text_chars,
-        max_texts=args.max_texts,
-        max_body_bytes=args.max_body_bytes,
-        max_beam_size=args.max_beam_size,
-    )
+    # ServerSettings fields given as flags of the same name (build_parser's serve section).
+    fields = [name for name in ServerSettings.model_fields if hasattr(args, name)]
+    settings = ServerSettings(**{name: getattr(args, name) for name in fields})
     return serve(
         settings, host=args.host, port=args.port, workers=args.workers, access_log=args.access_log
     )
@@ -258,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--projection-dtype",
-        choices=["float32", "bfloat16"],
+        choices=_choices("projection_dtype"),
         default=None,
         help="dtype of the decoder's output projection in the export (default: the model's "
         "config.yaml); bfloat16 is faster on CPUs with bfloat16 matrix units (AMX), slower "
@@ -266,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compute-dtype",
-        choices=["float32", "bfloat16", "auto"],
+        choices=_choices("compute_dtype"),
         default=None,
         help="dtype of every matmul of the export's graph (default: the model's config.yaml); "
         "bfloat16 is faster on CPUs with AMX, slow where bfloat16 is emulated; auto is resolved "
@@ -293,19 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serves the TF Serving export in-process (default), or forwards to a TF "
         "Serving deployment with --backend. Docs at /docs once running.",
     )
-    p.add_argument("--model", default="saved_models/en-fr", help="export directory")
+    from translator.server.settings import ServerSettings
+
+    default = ServerSettings.default
+    p.add_argument("--model", default=default("model"), help="export directory")
     p.add_argument("--model-name", help="model name in URLs (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--workers", type=int, default=1, help="processes, each with the model")
     p.add_argument("--backend", metavar="URL", help="forward to TF Serving, e.g. http://host:8501")
-    p.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="wait to fill a batch (ms)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s")
-    p.add_argument("--max-text-chars", type=int, default=1000, help="characters per text")
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit")
-    p.add_argument("--max-beam-size", type=int, default=16, help="largest beam_size accepted")
+    for option, kind, text in (
+        ("max_batch_size", int, "texts per model call"),
+        ("max_wait_ms", float, "wait to fill a batch (ms)"),
+        ("max_queue", int, "waiting requests before 503s"),
+        ("max_text_chars", int, "characters per text"),
+        ("max_texts", int, "texts per request"),
+        ("max_body_bytes", int, "request body limit"),
+        ("max_beam_size", int, "largest beam_size accepted"),
+    ):
+        flag = "--" + option.replace("_", "-")
+        p.add_argument(flag, type=kind, default=default(option), help=text)
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
     return parser

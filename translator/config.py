@@ -8,6 +8,7 @@ key, the file and what is allowed.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -123,7 +124,7 @@ class DecodingConfig(_Section):
     coverage_penalty: Annotated[float, Field(ge=0, le=5)] = 0.0
     # When beam search stops a sentence: "heuristic" once no alive beam ending at the next step
     # would win (fast), "exact" once none could win even at the maximum length (with a length
-    # penalty it usually runs to the maximum length). See translator.decoding.beam_search.
+    # penalty it usually runs to the maximum length). See translator.search.beam_search.
     early_stopping: Literal["heuristic", "exact"] = "heuristic"
     # Maximum output length = ratio * source length + offset (subwords).
     max_length_ratio: Annotated[float, Field(gt=0, le=10)] = 2.0
@@ -254,3 +255,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
+
+
+def field_bounds(section: type[BaseModel], name: str) -> tuple[float | None, float | None]:
+    """The (lower, upper) bounds a config field declares (`ge`/`gt`, `le`/`lt`), None if open.
+
+    Decoding options are defined once, in `DecodingConfig`; the CLI, `Translator`, the export
+    signature and the REST request models take their bounds from here.
+
+    Example:
+
+    >>> field_bounds(DecodingConfig, "length_penalty")
+    (0, 5)
+    """
+    lower = upper = None
+    for item in section.model_fields[name].metadata:
+        for attribute in ("ge", "gt"):
+            if getattr(item, attribute, None) is not None:
+                lower = getattr(item, attribute)
+        for attribute in ("le", "lt"):
+            if getattr(item, attribute, None) is not None:
+                upper = getattr(item, attribute)
+    return lower, upper
+
+
+def field_choices(section: type[BaseModel], name: str) -> list:
+    """The values a `Literal` config field allows (None left out), e.g. for argparse `choices`.
+
+    Example:
+
+    >>> field_choices(DecodingConfig, "compute_dtype")
+    ['float32', 'bfloat16', 'auto']
+    """
+    annotation = section.model_fields[name].annotation
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    choices = []
+    for option in typing.get_args(annotation):
+        choices.extend(typing.get_args(option) if typing.get_origin(option) is Literal else [])
+    return choices
+
+
+def decoding_options(config: Config | DecodingConfig | None = None) -> dict:
+    """`Translator` keyword arguments from a config or its decoding section (default: the
+    defaults of `DecodingConfig`)."""
+    if isinstance(config, Config):
+        config = config.decoding
+    return (config or DecodingConfig()).model_dump()

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from translator.tokenizer import PAD_ID, add_specials
 
 logger = logging.getLogger("translator.data")
 
@@ -36,9 +36,50 @@ TATOEBA_SPLITS = {"train": "train", "val": "validation", "validation": "validati
 # Tatoeba has no official split: each English sentence goes to "test" or "validation" with
 # this probability (percent) each, by a hash of the sentence (see `tatoeba_split`).
 TATOEBA_HELD_OUT_PERCENT = 2
+# WMT news test sets (English-French), as sacreBLEU names them. The 2008-2012 sets (and
+# newssyscomb2009) are the `news` corpus's train split; newstest2013 is its dev set.
+NEWS_TRAIN_SETS = (
+    "newstest2008",
+    "newssyscomb2009",
+    "newstest2009",
+    "newstest2010",
+    "newstest2011",
+    "newstest2012",
+)
+NEWS_DEV_SET = "newstest2013"
+NEWS_SPLITS = {
+    "train": NEWS_TRAIN_SETS,
+    "val": (NEWS_DEV_SET,),
+    "validation": (NEWS_DEV_SET,),
+    **{name: (name,) for name in (*NEWS_TRAIN_SETS, NEWS_DEV_SET)},
+}
+# sacreBLEU's test-set names for the files above (what a user with network downloads).
+SACREBLEU_NEWS_SETS = {
+    "newstest2008": "wmt08",
+    "newssyscomb2009": "wmt09/newssyscomb",  # not in sacreBLEU's index: only the local copy
+    "newstest2009": "wmt09",
+    "newstest2010": "wmt10",
+    "newstest2011": "wmt11",
+    "newstest2012": "wmt12",
+    "newstest2013": "wmt13",
+}
+# Corpora that hold out whole documents (never lines) for validation and test: the
+# `train.ids.gz` beside their text gives each line's document, and an MD5 of the document
+# name (see `document_split`) puts this many per mille of documents in "test" and as many
+# in "validation".
+DOCUMENT_SPLIT_PER_MILLE = {"justice-canada": 5, "python-docs-fr": 50}
+DOCUMENT_SPLITS = {
+    "train": "train",
+    "val": "validation",
+    "validation": "validation",
+    "test": "test",
+}
 CORPUS_CHOICES = (
     "multi30k",
     "tatoeba",
+    "news (WMT newstest 2008-2013)",
+    "justice-canada (Canada's Acts and Regulations)",
+    "python-docs-fr (the Python documentation)",
     "tfds:<name> (e.g. tfds:wmt14_translate/fr-en)",
     "folder:<dir> (TFDS TranslateFolder: en.<split>.txt, fr.<split>.txt)",
     "files:<english_path>,<french_path> (may contain {split})",
@@ -70,6 +111,17 @@ def load_pairs(corpus, split, data_dir=None, cache_dir=None):
           Splits `"train"`, `"validation"` (alias `"val"`), `"test"`, made by
           `tatoeba_split`: about 96% / 2% / 2%, all translations of an English sentence on
           one side.
+        - `"news"`: the WMT news test sets, from `<data_dir>/news/<set>.{en,fr}.gz`, else
+          from sacreBLEU's downloader. Split `"train"` is newstest2008-2012 with
+          newssyscomb2009 (13,573 pairs), `"newstest2013"` (alias `"val"`) the dev set
+          (3,000); each set is also a split of its own (`"newstest2010"`).
+        - `"justice-canada"`: Canada's consolidated Acts and Regulations, aligned by
+          provision (`<data_dir>/justice-canada/train.{en,fr,ids}.gz`, 544,670 pairs). No
+          download: the files are made from the laws-lois-xml repository (see the README).
+          Splits `"train"`, `"validation"`, `"test"` hold out whole documents (0.5% each).
+        - `"python-docs-fr"`: the Python documentation and its French translation
+          (`<data_dir>/python-docs-fr/train.{en,fr,ids}.gz`, 30,752 pairs); `"validation"`
+          and `"test"` hold out whole pages (5% each), see `document_split`.
         - `"tfds:<name>"`: a TensorFlow Datasets builder with `en` and `fr` features, e.g.
           `"tfds:wmt14_translate/fr-en"`, stored in (or prepared into) `data_dir`. `split`
           is a TFDS split (`"val"` means `"validation"`; slices such as `"train[:1%]"`
@@ -108,6 +160,10 @@ def load_pairs(corpus, split, data_dir=None, cache_dir=None):
         pairs = _load_tatoeba(split, data_dir, cache_dir)
         pairs = [pair for pair in pairs if tatoeba_split(pair[0]) == split]
         return _check_not_empty(pairs, f"tatoeba split {split!r}")
+    if corpus == "news":
+        return _load_news(split, data_dir)
+    if corpus in DOCUMENT_SPLIT_PER_MILLE:
+        return _load_by_document(corpus, split, data_dir)
     if corpus.startswith("tfds:"):
         return _load_tfds(corpus.removeprefix("tfds:"), split, data_dir)
     if corpus.startswith("folder:"):
@@ -121,7 +177,8 @@ def load_pairs(corpus, split, data_dir=None, cache_dir=None):
             )
         src_path, tgt_path = (path.strip().replace("{split}", split) for path in paths)
         return load_parallel_files(src_path, tgt_path)
-    close = difflib.get_close_matches(corpus, ["multi30k", "tatoeba"], n=1)
+    named = ["multi30k", "tatoeba", "news", *DOCUMENT_SPLIT_PER_MILLE]
+    close = difflib.get_close_matches(corpus, named, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise DataError(f"Unknown corpus {corpus!r}.{hint} Valid choices: {', '.join(CORPUS_CHOICES)}.")
 
@@ -249,10 +306,16 @@ def tatoeba_split(english):
     True
     """
     key = " ".join(unicodedata.normalize("NFKC", english).casefold().split())
-    bucket = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
-    if bucket < TATOEBA_HELD_OUT_PERCENT:
+    return _hash_split(key, TATOEBA_HELD_OUT_PERCENT, 100)
+
+
+def _hash_split(key, held_out, buckets):
+    """ "test" for `held_out` of `buckets` MD5 buckets of `key`, "validation" for as many more,
+    else "train": a split that is a pure function of the key."""
+    bucket = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % buckets
+    if bucket < held_out:
         return "test"
-    if bucket < 2 * TATOEBA_HELD_OUT_PERCENT:
+    if bucket < 2 * held_out:
         return "validation"
     return "train"
 
@@ -322,6 +385,92 @@ def _load_tatoeba(split, data_dir, cache_dir):
                 "tatoeba", split, data_dir, "tatoeba", ["fra-eng.tsv"], TATOEBA_URL, error
             ) from None
     return _read_tsv(path)
+
+
+def document_split(corpus, document):
+    """Returns the split (`"train"`, `"validation"` or `"test"`) of a document of a corpus.
+
+    Lines of one document (a law, a documentation page) are correlated, so held-out sets
+    take whole documents: the MD5 of the document name, modulo 1000, puts
+    `DOCUMENT_SPLIT_PER_MILLE[corpus]` buckets in "test", as many in "validation" and the
+    rest in "train". The split is a pure function of the name: it never changes when the
+    corpus grows.
+
+    Args:
+        corpus: str, `"justice-canada"` or `"python-docs-fr"`.
+        document: str, the document name (first column of `train.ids.gz`).
+
+    Returns:
+        str, the split name.
+
+    Example:
+
+    >>> document_split("python-docs-fr", "library/os.po")
+    'train'
+    """
+    return _hash_split(document, DOCUMENT_SPLIT_PER_MILLE[corpus], 1000)
+
+
+def _load_by_document(corpus, split, data_dir):
+    split = _canonical_split(corpus, split, DOCUMENT_SPLITS)
+    names = ["train.en.gz", "train.fr.gz", "train.ids.gz"]
+    local = _local_dir(data_dir)
+    paths = [os.path.join(local, corpus, name) for name in names] if local else []
+    if not (paths and all(os.path.isfile(path) for path in paths)):
+        where = _where_looked(data_dir, corpus, names)
+        raise DataError(
+            f"Corpus {corpus!r} split {split!r} not found: {where}. This corpus has no "
+            f"download: put {', '.join(names)} (made as the README's Corpora section says) in "
+            f"<folder>/{corpus}/ and set {DATA_DIR_ENV}=<folder> (or the config's `data_dir`)."
+        )
+    sources, targets, documents = (_read_lines(path) for path in paths)
+    for path, lines in ((paths[1], targets), (paths[2], documents)):
+        if len(lines) != len(sources):
+            raise DataError(
+                f"{corpus} files are not aligned: {paths[0]} has {len(sources):,} lines but "
+                f"{path} has {len(lines):,} lines."
+            )
+    documents = [line.split("\t", 1)[0] for line in documents]
+    splits = {document: document_split(corpus, document) for document in set(documents)}
+    kept = [
+        (source, target)
+        for source, target, document in zip(sources, targets, documents, strict=True)
+        if splits[document] == split
+    ]
+    return _drop_empty(kept, f"{corpus} split {split!r}")
+
+
+def _load_news(split, data_dir):
+    if split not in NEWS_SPLITS:
+        raise DataError(
+            f"Unknown split {split!r} for corpus 'news'. Valid choices: {', '.join(NEWS_SPLITS)}."
+        )
+    pairs = []
+    for name in NEWS_SPLITS[split]:
+        pairs.extend(_load_news_set(name, data_dir))
+    return pairs
+
+
+def _load_news_set(name, data_dir):
+    files = [f"{name}.en.gz", f"{name}.fr.gz"]
+    local = _local_dir(data_dir)
+    paths = [os.path.join(local, "news", file) for file in files] if local else []
+    if paths and all(os.path.isfile(path) for path in paths):
+        return load_parallel_files(*paths)
+    test_set = SACREBLEU_NEWS_SETS[name]
+    try:
+        from sacrebleu.utils import get_reference_files, get_source_file
+
+        paths = [get_source_file(test_set, "en-fr"), get_reference_files(test_set, "en-fr")[0]]
+    except Exception as error:  # sacreBLEU raises SystemExit, URLError, KeyError, ...
+        where = _where_looked(data_dir, "news", files)
+        raise DataError(
+            f"Corpus 'news' set {name!r} not found: {where}, then sacreBLEU's download of "
+            f"{test_set!r} failed ({error!r}). Put {' and '.join(files)} in <folder>/news/ and "
+            f"set {DATA_DIR_ENV}=<folder>, or run once with network access "
+            f"(`sacrebleu -t {test_set} -l en-fr --echo src`)."
+        ) from None
+    return load_parallel_files(*paths)
 
 
 def _download(fname, origin, cache_subdir, cache_dir, extract=False):
@@ -587,13 +736,10 @@ def make_dataset(
         )
         source = tf.ragged.boolean_mask(source, keep)
         target = tf.ragged.boolean_mask(target, keep)
-        column = tf.stack([source.nrows(), 1])
-        bos = tf.RaggedTensor.from_tensor(tf.fill(column, tf.constant(BOS_ID, tf.int32)))
-        eos = tf.RaggedTensor.from_tensor(tf.fill(column, tf.constant(EOS_ID, tf.int32)))
         return (
-            tf.concat([source, eos], axis=1),  # source_ids
-            tf.concat([bos, target], axis=1),  # target_in_ids
-            tf.concat([target, eos], axis=1),  # target_out_ids
+            add_specials(source, add_eos=True),  # source_ids
+            add_specials(target, add_bos=True),  # target_in_ids
+            add_specials(target, add_eos=True),  # target_out_ids
         )
 
     # Rows of an unbatched ragged tensor keep a ragged spec, which `padded_batch` refuses;

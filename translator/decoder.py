@@ -4,8 +4,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from translator.encoder import make_cell
-from translator.layers import BahdanauAttention, LuongAttention, dense
+from translator.layers import BahdanauAttention, LuongAttention, dense, make_cell
 
 ATTENTIONS = ("luong", "bahdanau")
 
@@ -293,11 +292,11 @@ class AttentionDecoder(keras.layers.Layer):
     def decode_step(self, ids, state, constants, weights=None, grouped=False):
         """Inference step `(ids (N,), state, constants) -> (logits (N, V), state, attention (N, S))`.
 
-        The signature is the step-function contract of `translator.decoding`. Pass `weights`
+        The signature is the step-function contract of `translator.search`. Pass `weights`
         from `inference_weights()`, computed outside the decoding loop, to keep weight work out
         of every step (`Seq2Seq.step_function()` does). With `grouped=True` the constants keep
         one row per sentence for the `N / sentences` consecutive rows of its beams (see
-        `translator.decoding.beam_search`'s `tile_constants`).
+        `translator.search.beam_search`'s `tile_constants`).
         """
         if weights is None:
             weights = self.inference_weights()

@@ -3,17 +3,9 @@
 import keras
 from keras import ops
 
-from translator.layers import GRUCell, LSTMCell, Recurrent
+from translator.layers import Recurrent, make_cell
 
-CELLS = {"lstm": LSTMCell, "gru": GRUCell}
 BIDIRECTIONAL = ("all", "first", "none")
-
-
-def make_cell(cell_type, units, **kwargs):
-    """A translator cell by name (`"lstm"` or `"gru"`)."""
-    if cell_type not in CELLS:
-        raise ValueError(f"cell_type must be one of {sorted(CELLS)}, got {cell_type!r}.")
-    return CELLS[cell_type](units, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="translator")

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from translator.training import bleu_chrf
-
-log = logging.getLogger("translator.evaluation")
+from translator.files import atomic_write
+from translator.scoring import bleu_chrf
 
 
 def _read_lines(path: str) -> list[str]:
@@ -26,27 +22,37 @@ def _read_lines(path: str) -> list[str]:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
 
 
-def load_test_set(args) -> tuple[list[str], list[list[str]], str]:
-    """Sources, reference lists and a label, from `--corpus/--split` or from plain files."""
-    if args.source:
-        if not args.reference:
+def load_test_set(corpus=None, split="test", data_dir=None, source=None, references=None):
+    """Sources, reference lists and a label, from a corpus split or from plain files.
+
+    Args:
+        corpus, split, data_dir: a named corpus (`translator.data.load_references`).
+        source: a plain-text source file instead, with `references`, a list of reference
+            files aligned with it line by line (several give multi-reference BLEU).
+
+    Returns:
+        `(sources, references, label)`: sources a list of strings, references a list of
+        lists (one list of references per source), label e.g. `"multi30k.test"`.
+    """
+    if source:
+        if not references:
             raise ValueError("--source needs at least one --reference file")
-        sources = _read_lines(args.source)
-        streams = [_read_lines(r) for r in args.reference]
-        for path, stream in zip(args.reference, streams, strict=True):
+        sources = _read_lines(source)
+        streams = [_read_lines(r) for r in references]
+        for path, stream in zip(references, streams, strict=True):
             if len(stream) != len(sources):
                 raise ValueError(
-                    f"{args.source} has {len(sources)} lines but {path} has {len(stream)}: "
+                    f"{source} has {len(sources)} lines but {path} has {len(stream)}: "
                     "sources and references must be line-aligned"
                 )
-        references = [list(refs) for refs in zip(*streams, strict=True)]
-        return sources, references, Path(args.source).name
-    if not args.corpus:
+        grouped = [list(refs) for refs in zip(*streams, strict=True)]
+        return sources, grouped, Path(source).name
+    if not corpus:
         raise ValueError("give --corpus (and --split), or --source with --reference files")
     from translator import data
 
-    grouped = data.load_references(args.corpus, args.split, data_dir=args.data_dir)
-    return [s for s, _ in grouped], [r for _, r in grouped], f"{args.corpus}.{args.split}"
+    grouped = data.load_references(corpus, split, data_dir=data_dir)
+    return [s for s, _ in grouped], [r for _, r in grouped], f"{corpus}.{split}"
 
 
 def evaluate(translator, sources, references, beam_size=None, length_penalty=None, progress=True):
@@ -88,24 +94,6 @@ def evaluate(translator, sources, references, beam_size=None, length_penalty=Non
     }
 
 
-def evaluate_cli(args) -> int:
-    from translator.cli import decoding_overrides
-    from translator.inference import load
-
-    translator = load(args.model, **decoding_overrides(args))
-    sources, references, label = load_test_set(args)
-    beam = args.beam_size if args.beam_size is not None else translator.beam_size
-    result = evaluate(translator, sources, references, args.beam_size, args.length_penalty)
-    output = Path(args.output) if args.output else Path(args.model) / f"hyp.{label}.beam{beam}.txt"
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("\n".join(result["hypotheses"]) + "\n", encoding="utf-8")
-    os.replace(tmp, output)
-    print(f"{label}, beam {beam}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}")
-    print(f"  {result['bleu_detail']}")
-    print(f"  BLEU signature: {result['bleu_signature']}")
-    print(f"  chrF signature: {result['chrf_signature']}")
-    print(f"  hypotheses: {output}")
-    summary = {k: v for k, v in result.items() if k != "hypotheses"}
-    summary.update(label=label, beam_size=beam)
-    log.debug(json.dumps(summary))
-    return 0
+def write_hypotheses(path, hypotheses) -> None:
+    """Writes one hypothesis per line, atomically."""
+    atomic_write(path, "\n".join(hypotheses) + "\n")

@@ -18,7 +18,6 @@ signature, not constants of the trace.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from translator.files import atomic_path, atomic_write, version_dirs
 from translator.inference import Translator
 
 log = logging.getLogger("translator.export")
@@ -58,8 +58,8 @@ class ServingModule(tf.Module):
         self._translator = translator
         # The TF Text resources (the SentencePiece models travel as attributes of their ops).
         self.tokenizers = [
-            translator.source_tokenizer._sentencepiece,
-            translator.target_tokenizer._sentencepiece,
+            translator.source_tokenizer.sentencepiece,
+            translator.target_tokenizer.sentencepiece,
         ]
         model_variables = list(translator.model.variables)
         mapped = []
@@ -97,7 +97,7 @@ class ServingModule(tf.Module):
         )
 
     def _run(self, text, beam_size, n_best, length_penalty):
-        run = lambda: self._translator._translate_graph(  # noqa: E731
+        run = lambda: self._translator.translate_tensors(  # noqa: E731
             text, beam_size, n_best, length_penalty, tf.constant(self.coverage_penalty)
         )
         if not self._mapped.value:
@@ -149,8 +149,7 @@ def _is_float(variable) -> bool:
 
 def next_version(out_dir: Path) -> int:
     """1 + the largest integer subdirectory of `out_dir` (TF Serving's version folders), or 1."""
-    versions = [int(p.name) for p in out_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
+    return max((version for version, _ in version_dirs(out_dir)), default=0) + 1
 
 
 def round_weights(model, dtype: str) -> None:
@@ -172,22 +171,7 @@ def with_tokenizers(translator: Translator) -> Translator:
     clone = model.copy(
         source_tokenizer=translator.source_tokenizer, target_tokenizer=translator.target_tokenizer
     )
-    return Translator.from_model(clone, **_options(translator))
-
-
-def _options(translator: Translator) -> dict:
-    return dict(
-        beam_size=translator.beam_size,
-        length_penalty=translator.length_penalty,
-        coverage_penalty=translator.coverage_penalty,
-        early_stopping=translator.early_stopping,
-        max_length_ratio=translator.max_length_ratio,
-        max_length_offset=translator.max_length_offset,
-        batch_size=translator.batch_size,
-        max_source_length=translator.max_source_length,
-        projection_dtype=translator.projection_dtype,
-        compute_dtype=translator.compute_dtype,
-    )
+    return Translator.from_model(clone, **translator.options())
 
 
 def export_saved_model(
@@ -214,20 +198,12 @@ def export_saved_model(
     _check_new_version(out_dir, version)
     final = out_dir / str(version)
     module = ServingModule(translator, weights_dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=out_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from a server run as another user
-    try:
+    with atomic_path(final, directory=True) as tmp:
         tf.saved_model.save(
             module,
             str(tmp),
             signatures={"serving_default": module.serving_default, "translate": module.translate},
         )
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
     return final
 
@@ -298,7 +274,7 @@ def export(
     if overrides:
         # Recorded once the SavedModel built with them exists, so that `translator.load` of the
         # export directory decodes as the SavedModel does.
-        _write_atomic(out_dir / "config.yaml", _with_decoding(source_dir, overrides))
+        atomic_write(out_dir / "config.yaml", _with_decoding(source_dir, overrides))
     return final
 
 
@@ -327,28 +303,14 @@ def _with_decoding(source_dir: Path, options: dict) -> str:
     return yaml.safe_dump({"decoding": decoding}, sort_keys=False)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_keras(model, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    try:
+    with atomic_path(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def load_saved_model(path):
@@ -368,16 +330,13 @@ def load_saved_model(path):
     if not path.is_dir():
         raise ExportError(f"{path} does not exist or is not a directory (expected an export)")
     if not (path / "saved_model.pb").is_file():
-        versions = sorted(
-            (int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
-            reverse=True,
-        )
+        versions = version_dirs(path)
         if not versions:
             raise ExportError(
                 f"{path} holds no saved_model.pb and no version directory (1/, 2/, ...): "
                 "write one with `translator export --model RUN --out DIR`"
             )
-        path = path / str(versions[0])
+        path = versions[-1][1]
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - re-raised with the directory named

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from translator import decoding
-from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from translator import search
+from translator.config import DecodingConfig, decoding_options, field_choices
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, add_specials
 
 
 @dataclass
@@ -24,8 +25,10 @@ class Translation:
     alignment: np.ndarray | None = None  # (target_len, source_len)
 
 
-PROJECTION_DTYPES = (None, "float32", "bfloat16")
-COMPUTE_DTYPES = (None, "float32", "bfloat16", "auto")
+PROJECTION_DTYPES = (None, *field_choices(DecodingConfig, "projection_dtype"))
+COMPUTE_DTYPES = (None, *field_choices(DecodingConfig, "compute_dtype"))
+# The constructor's decoding defaults are the config's: one definition (translator.config).
+_DEFAULTS = DecodingConfig()
 
 
 def resolve_compute_dtype(compute_dtype):
@@ -34,7 +37,7 @@ def resolve_compute_dtype(compute_dtype):
     `training.precision: auto`), else `"float32"`. `None` and explicit dtypes pass through."""
     if compute_dtype != "auto":
         return compute_dtype
-    from translator.training import resolve_precision
+    from translator.hardware import resolve_precision
 
     return "bfloat16" if resolve_precision("auto") == "mixed_bfloat16" else "float32"
 
@@ -50,7 +53,7 @@ class Translator:
         model: A `translator.Seq2Seq`.
         source_tokenizer, target_tokenizer: `translator.tokenizer.SentencePieceTokenizer` layers.
         beam_size, length_penalty, coverage_penalty: Decoding defaults.
-        early_stopping: `"heuristic"` or `"exact"`, see `translator.decoding.beam_search`.
+        early_stopping: `"heuristic"` or `"exact"`, see `translator.search.beam_search`.
         max_length_ratio, max_length_offset: Output limit = ratio * source length + offset.
         batch_size: Sentences per graph call when translating long lists.
         max_source_length: Source subwords kept per sentence (longer input is cut).
@@ -73,16 +76,16 @@ class Translator:
         model,
         source_tokenizer,
         target_tokenizer,
-        beam_size=5,
-        length_penalty=0.6,
-        coverage_penalty=0.0,
-        early_stopping="heuristic",
-        max_length_ratio=2.0,
-        max_length_offset=10,
-        batch_size=64,
+        beam_size=_DEFAULTS.beam_size,
+        length_penalty=_DEFAULTS.length_penalty,
+        coverage_penalty=_DEFAULTS.coverage_penalty,
+        early_stopping=_DEFAULTS.early_stopping,
+        max_length_ratio=_DEFAULTS.max_length_ratio,
+        max_length_offset=_DEFAULTS.max_length_offset,
+        batch_size=_DEFAULTS.batch_size,
         max_source_length=256,
-        projection_dtype=None,
-        compute_dtype=None,
+        projection_dtype=_DEFAULTS.projection_dtype,
+        compute_dtype=_DEFAULTS.compute_dtype,
     ):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
@@ -99,9 +102,9 @@ class Translator:
         self.beam_size = beam_size
         self.length_penalty = length_penalty
         self.coverage_penalty = coverage_penalty
-        if early_stopping not in decoding.EARLY_STOPPING:
+        if early_stopping not in search.EARLY_STOPPING:
             raise ValueError(
-                f"early_stopping must be one of {', '.join(decoding.EARLY_STOPPING)}, "
+                f"early_stopping must be one of {', '.join(search.EARLY_STOPPING)}, "
                 f"got {early_stopping!r}"
             )
         self.early_stopping = early_stopping
@@ -116,7 +119,7 @@ class Translator:
         self.batch_size = batch_size
         self.max_source_length = max_source_length
         self.translate_graph = tf.function(
-            self._translate_graph,
+            self.translate_tensors,
             input_signature=[
                 tf.TensorSpec([None], tf.string, name="text"),
                 tf.TensorSpec([], tf.int32, name="beam_size"),
@@ -148,13 +151,20 @@ class Translator:
     def encode_source(self, text):
         """Raw strings `(batch,)` -> padded ids `(batch, S)` with EOS appended, and lengths."""
         ids = self.source_tokenizer(text)  # ragged (batch, None)
-        ids = ids[:, : self.max_source_length - 1]
-        eos = tf.fill([ids.nrows(), 1], tf.constant(EOS_ID, ids.dtype))
-        ids = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1)
+        ids = add_specials(ids[:, : self.max_source_length - 1], add_eos=True)
         lengths = tf.cast(ids.row_lengths(), tf.int32)
         return tf.cast(ids.to_tensor(PAD_ID), tf.int32), lengths
 
-    def _translate_graph(self, text, beam_size, n_best, length_penalty, coverage_penalty):
+    def options(self) -> dict:
+        """The constructor's keyword arguments (decoding options) of this translator."""
+        names = (*_DEFAULTS.model_dump(), "max_source_length")
+        return {name: getattr(self, name) for name in names}
+
+    def translate_tensors(self, text, beam_size, n_best, length_penalty, coverage_penalty):
+        """The translation as TF ops, for tracing into a `tf.function` (see `translate_graph`
+        and the export's signatures): `text` `(batch,)` strings and scalar options in, a dict
+        of `translations` `(batch, n_best)`, `scores`, `ids`, `lengths`, `alignments`,
+        `source_ids` and `source_lengths` out."""
         text = tf.convert_to_tensor(text, tf.string)
         checks = [
             tf.debugging.assert_greater_equal(beam_size, 1, message="beam_size must be at least 1"),
@@ -174,7 +184,7 @@ class Translator:
             + self.max_length_offset
         )
         # Each branch reads the weights once, outside its decoding loop.
-        search = dict(
+        search_args = dict(
             start_ids=tf.fill([batch], BOS_ID),
             end_id=EOS_ID,
             initial_state=state,
@@ -186,12 +196,12 @@ class Translator:
         def greedy():
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
-            r = decoding.greedy_search(self.model.step_function(self.projection_dtype), **search)
-            scores = r.log_probs / decoding.gnmt_length_penalty(r.lengths, length_penalty)
+            r = search.greedy_search(self.model.step_function(self.projection_dtype), **search_args)
+            scores = r.log_probs / search.gnmt_length_penalty(r.lengths, length_penalty)
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
-            r = decoding.beam_search(
+            r = search.beam_search(
                 # The beams of a sentence share its encoder memory: read once per step.
                 self.model.step_function(self.projection_dtype, shared_constants=True),
                 tile_constants=False,
@@ -200,12 +210,12 @@ class Translator:
                 length_penalty=length_penalty,
                 coverage_penalty=coverage_penalty,
                 early_stopping=self.early_stopping,
-                **search,
+                **search_args,
             )
             return r.ids, r.lengths, r.scores, r.alignments
 
         ids, lengths, scores, alignments = tf.cond(tf.equal(beam_size, 1), greedy, beam)
-        result = decoding.DecodingResult(ids, lengths, scores, scores, alignments, tf.constant(0))
+        result = search.DecodingResult(ids, lengths, scores, scores, alignments, tf.constant(0))
         ids = result.ids  # (batch, n_best, T)
         shape = tf.shape(ids)
         flat = tf.reshape(ids, [-1, shape[2]])
@@ -296,22 +306,6 @@ def _pieces(tokenizer, ids):
     return [p.decode("utf-8") for p in tokenizer.id_to_token(ids).numpy()]
 
 
-def decoding_options(config) -> dict:
-    """`Translator` keyword arguments from a `translator.config.Config`'s decoding section."""
-    d = config.decoding
-    return dict(
-        beam_size=d.beam_size,
-        length_penalty=d.length_penalty,
-        coverage_penalty=d.coverage_penalty,
-        early_stopping=d.early_stopping,
-        max_length_ratio=d.max_length_ratio,
-        max_length_offset=d.max_length_offset,
-        batch_size=d.batch_size,
-        projection_dtype=d.projection_dtype,
-        compute_dtype=d.compute_dtype,
-    )
-
-
 def load(path, **overrides) -> Translator:
     """Loads a trained translator from a run directory or a shipped model directory.
 
@@ -335,7 +329,7 @@ def load(path, **overrides) -> Translator:
     """
     import keras
 
-    import translator as _registers_custom_objects  # noqa: F401
+    from translator import model as _registers_custom_objects  # noqa: F401 - Seq2Seq & layers
     from translator.config import ConfigError, load_config
     from translator.tokenizer import SentencePieceTokenizer
 

@@ -1,12 +1,13 @@
 """`Seq2Seq`: the attention encoder-decoder that turns source token ids into target logits."""
 
+import inspect
+
 import keras
 from keras import ops
 
 from translator.decoder import AttentionDecoder
 from translator.encoder import DenseBridge, Encoder
-
-PAD_ID = 0
+from translator.tokenizer import PAD_ID
 
 
 @keras.saving.register_keras_serializable(package="translator")
@@ -178,7 +179,7 @@ class Seq2Seq(keras.Model):
     def decode_step(self, ids, state, constants):
         """One inference step: `(ids (N,), state, constants) -> (logits (N, V), state, attention (N, S))`.
 
-        This is the step-function contract of `translator.decoding`, so
+        This is the step-function contract of `translator.search`, so
         `beam_search(model.decode_step, ...)` decodes the model.
         """
         return self.decoder.decode_step(ops.convert_to_tensor(ids, "int32"), state, constants)
@@ -259,26 +260,8 @@ class Seq2Seq(keras.Model):
     def get_config(self):
         # Not merged with super(): keras.Model's config carries only name/trainable/dtype here,
         # and the architecture below is the whole story.
-        config = {
-            "name": self.name,
-            "source_vocab_size": self.source_vocab_size,
-            "target_vocab_size": self.target_vocab_size,
-            "embedding_dim": self.embedding_dim,
-            "share_embeddings": self.share_embeddings,
-            "tie_embeddings": self.tie_embeddings,
-            "cell_type": self.cell_type,
-            "encoder_units": self.encoder_units,
-            "encoder_layers": self.encoder_layers,
-            "bidirectional": self.bidirectional,
-            "decoder_units": self.decoder_units,
-            "decoder_layers": self.decoder_layers,
-            "attention": self.attention,
-            "attention_score": self.attention_score,
-            "input_feeding": self.input_feeding,
-            "dropout": self.dropout,
-            "residual": self.residual,
-            "pad_id": self.pad_id,
-        }
+        config = {"name": self.name}
+        config.update({name: getattr(self, name) for name in _ARCHITECTURE})
         if self.source_tokenizer is not None:
             config["source_tokenizer"] = keras.saving.serialize_keras_object(self.source_tokenizer)
         if self.target_tokenizer is not None:
@@ -292,6 +275,17 @@ class Seq2Seq(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+# The constructor arguments that define the architecture (every one is kept as an attribute
+# of the same name): `get_config()` lists them from the signature, so a new argument cannot be
+# forgotten there.
+_ARCHITECTURE = tuple(
+    name
+    for name, parameter in inspect.signature(Seq2Seq.__init__).parameters.items()
+    if name not in ("self", "source_tokenizer", "target_tokenizer")
+    and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+)
 
 
 def _deserialize_layer(layer):

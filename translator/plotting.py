@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from translator.files import atomic_path
+
 
 def _label(piece: str) -> str:
     # SentencePiece marks a word start with U+2581; show it as a thin space-like bar so word
@@ -61,15 +63,8 @@ def plot_attention(translation, path, title=None, dpi=150):
     ax.set_ylabel("French (target subwords)")
     ax.set_title(title if title is not None else translation.text, fontsize=10, wrap=True)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="attention weight")
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    _save_figure(fig, path, dpi)
+    return Path(path)
 
 
 def training_history(run_dir) -> list[dict]:
@@ -143,12 +138,16 @@ def plot_training(history, path, title=None, step_offset=0, baseline=None, dpi=1
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    _save_figure(fig, path, dpi)
+    return Path(path)
+
+
+def _save_figure(fig, path, dpi) -> None:
+    """Saves and closes `fig`; the file appears whole or not at all."""
+    import matplotlib.pyplot as plt
+
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path

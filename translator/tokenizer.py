@@ -3,12 +3,13 @@
 import io
 import os
 import random
-import tempfile
 
 import keras
 import sentencepiece as spm
 import tensorflow as tf
 import tensorflow_text as tf_text
+
+from translator.files import atomic_write
 
 # The model side (embeddings, loss masking, decoding) relies on these four ids; every
 # SentencePiece model we train reserves them, and `SentencePieceTokenizer` refuses a model
@@ -76,6 +77,7 @@ def train_sentencepiece(
 
     Example:
 
+    >>> import tempfile
     >>> folder = tempfile.TemporaryDirectory()
     >>> path = train_sentencepiece(
     ...     ["A man rides a bike.", "Un homme fait du vélo."] * 10,
@@ -134,20 +136,31 @@ def train_sentencepiece(
             f"{len(sentences)} sentences: {error}"
         ) from error
 
-    folder = os.path.dirname(os.path.abspath(model_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".sentencepiece-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(buffer.getvalue())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_path, model_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write(model_path, buffer.getvalue())
     return model_path
+
+
+def add_specials(ids, add_bos=False, add_eos=False):
+    """Puts `BOS_ID` before and/or `EOS_ID` after every row of ragged ids `[batch, (tokens)]`.
+
+    The one place where the special ids are attached: the tokenizer, the training pipeline
+    (source + EOS, BOS + target, target + EOS) and the translation graph all call it.
+
+    Example:
+
+    >>> ids = tf.ragged.constant([[7, 8], [9]], dtype=tf.int32)
+    >>> add_specials(ids, add_eos=True).to_list()
+    [[7, 8, 3], [9, 3]]
+    """
+    if not (add_bos or add_eos):
+        return ids
+    column = tf.fill(tf.stack([ids.nrows(), 1]), tf.constant(0, ids.dtype))
+    pieces = [ids]
+    if add_bos:
+        pieces.insert(0, tf.RaggedTensor.from_tensor(column + BOS_ID))
+    if add_eos:
+        pieces.append(tf.RaggedTensor.from_tensor(column + EOS_ID))
+    return tf.concat(pieces, axis=1)
 
 
 def _read_proto(model_path):
@@ -183,6 +196,7 @@ class SentencePieceTokenizer(keras.layers.Layer):
 
     Example:
 
+    >>> import tempfile
     >>> folder = tempfile.TemporaryDirectory()
     >>> path = train_sentencepiece(
     ...     ["A man rides a bike.", "Un homme fait du vélo."] * 10,
@@ -253,6 +267,13 @@ class SentencePieceTokenizer(keras.layers.Layer):
         """The serialized SentencePiece model (bytes)."""
         return self._proto
 
+    @property
+    def sentencepiece(self):
+        """The `tensorflow_text.SentencepieceTokenizer` behind the layer (its TF resource is
+        what a SavedModel must track to carry the model)."""
+        self._check_proto()
+        return self._sentencepiece
+
     def vocabulary_size(self):
         """Returns the number of pieces, special ones included (a Python int)."""
         self._check_proto()
@@ -283,17 +304,7 @@ class SentencePieceTokenizer(keras.layers.Layer):
         scalar = strings.shape.rank == 0
         if scalar:
             strings = strings[tf.newaxis]
-        ids = self._sentencepiece.tokenize(strings)  # [B, (T)]
-        if add_bos or add_eos:
-            column_shape = tf.stack([ids.nrows(), 1])
-            pieces = [ids]
-            if add_bos:
-                bos = tf.fill(column_shape, tf.constant(BOS_ID, tf.int32))
-                pieces.insert(0, tf.RaggedTensor.from_tensor(bos))
-            if add_eos:
-                eos = tf.fill(column_shape, tf.constant(EOS_ID, tf.int32))
-                pieces.append(tf.RaggedTensor.from_tensor(eos))
-            ids = tf.concat(pieces, axis=1)
+        ids = add_specials(self._sentencepiece.tokenize(strings), add_bos, add_eos)  # [B, (T)]
         if scalar:
             return ids[0]
         return ids

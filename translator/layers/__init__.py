@@ -1,7 +1,7 @@
 """Public layers: the recurrent cells, the sequence layer that runs them, and attention."""
 
 from translator.layers.attention import BahdanauAttention, LuongAttention, masked_softmax
-from translator.layers.cells import GRUCell, LSTMCell, Recurrent, dense
+from translator.layers.cells import GRUCell, LSTMCell, Recurrent, dense, make_cell
 
 __all__ = [
     "BahdanauAttention",
@@ -10,5 +10,6 @@ __all__ = [
     "LuongAttention",
     "Recurrent",
     "dense",
+    "make_cell",
     "masked_softmax",
 ]

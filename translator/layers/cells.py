@@ -4,10 +4,21 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-try:  # The mixin Keras' own RNN layer recognises to prepare per-sequence dropout masks.
-    from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
-except ImportError:  # pragma: no cover - a future Keras that moved it; masks then live per call.
-    DropoutRNNCell = object
+
+def _dropout_mixin():
+    """The mixin `keras.layers.RNN` recognises (by `isinstance`) to draw one dropout mask per
+    sequence and reset it after each call. Keras exports no name for it, so it is taken from
+    the public `keras.layers.LSTMCell`, which inherits it, rather than from `keras.src`."""
+    for base in keras.layers.LSTMCell.__mro__:
+        if base.__name__ == "DropoutRNNCell" and hasattr(base, "get_recurrent_dropout_mask"):
+            return base
+    raise ImportError(  # pragma: no cover - fails at import, never silently per call
+        f"keras {keras.__version__}: keras.layers.LSTMCell no longer inherits DropoutRNNCell; "
+        "translator's cells need the per-sequence dropout masks it provides (see cells.py)."
+    )
+
+
+DropoutRNNCell = _dropout_mixin()
 
 
 class _GatedCell(keras.layers.Layer, DropoutRNNCell):
@@ -587,3 +598,13 @@ class Recurrent(keras.layers.Layer):
             "return_state": self.return_state,
             "go_backwards": self.go_backwards,
         }
+
+
+CELLS = {"lstm": LSTMCell, "gru": GRUCell}
+
+
+def make_cell(cell_type, units, **kwargs):
+    """A translator cell by name (`"lstm"` or `"gru"`), e.g. `make_cell("gru", 256)`."""
+    if cell_type not in CELLS:
+        raise ValueError(f"cell_type must be one of {sorted(CELLS)}, got {cell_type!r}.")
+    return CELLS[cell_type](units, **kwargs)

@@ -1,4 +1,4 @@
-"""Tests of translator.decoding against scripted, brute-force and greedy references."""
+"""Tests of translator.search against scripted, brute-force and greedy references."""
 
 import doctest
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from translator import decoding
+from translator import search
 
 VOCAB_SIZE = 4
 END_ID = 3  # tokens 0, 1, 2 and the end id 3
@@ -193,7 +193,7 @@ def assert_padded(result):
 
 def test_tile_batch_repeats_rows_contiguously():
     nested = {"a": tf.constant([[1, 2], [3, 4]]), "b": (tf.constant([5, 6]),)}
-    tiled = decoding.tile_batch(nested, tf.constant(3))
+    tiled = search.tile_batch(nested, tf.constant(3))
     np.testing.assert_array_equal(tiled["a"], [[1, 2]] * 3 + [[3, 4]] * 3)
     np.testing.assert_array_equal(tiled["b"][0], [5, 5, 5, 6, 6, 6])
 
@@ -202,7 +202,7 @@ def test_tile_batch_repeats_rows_contiguously():
 
 
 def test_greedy_scripted_ids_and_lengths():
-    result = run(decoding.greedy_search, **scripted_args(max_length=10))
+    result = run(search.greedy_search, **scripted_args(max_length=10))
     np.testing.assert_array_equal(
         result.ids[:, 0], [[2, 1, 2, 3, 0, 0], [1, 3, 0, 0, 0, 0], [0, 0, 1, 1, 2, 3]]
     )
@@ -212,7 +212,7 @@ def test_greedy_scripted_ids_and_lengths():
 
 
 def test_beam_scripted_ids_and_lengths():
-    result = run(decoding.beam_search, **scripted_args(max_length=10), beam_size=3, n_best=2)
+    result = run(search.beam_search, **scripted_args(max_length=10), beam_size=3, n_best=2)
     np.testing.assert_array_equal(
         result.ids[:, 0], [[2, 1, 2, 3, 0, 0], [1, 3, 0, 0, 0, 0], [0, 0, 1, 1, 2, 3]]
     )
@@ -221,13 +221,13 @@ def test_beam_scripted_ids_and_lengths():
     assert_padded(result)
 
 
-@pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_per_sentence_max_length_cuts_scripted_output(search):
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_per_sentence_max_length_cuts_scripted_output(strategy):
     args = scripted_args(max_length=tf.constant([3, 10, 5]))
-    if search == "greedy":
-        result = run(decoding.greedy_search, **args)
+    if strategy == "greedy":
+        result = run(search.greedy_search, **args)
     else:
-        result = run(decoding.beam_search, **args, beam_size=2)
+        result = run(search.beam_search, **args, beam_size=2)
     # Sentences 0 and 2 are cut (no end id), sentence 1 ends before its maximum.
     np.testing.assert_array_equal(
         result.ids[:, 0], [[2, 1, 2, 0, 0], [1, 3, 0, 0, 0], [0, 0, 1, 1, 2]]
@@ -237,8 +237,8 @@ def test_per_sentence_max_length_cuts_scripted_output(search):
 
 def test_zero_max_length_gives_empty_outputs():
     for result in (
-        run(decoding.greedy_search, **scripted_args(max_length=0)),
-        run(decoding.beam_search, **scripted_args(max_length=0), beam_size=2),
+        run(search.greedy_search, **scripted_args(max_length=0)),
+        run(search.beam_search, **scripted_args(max_length=0), beam_size=2),
     ):
         assert result.ids.shape == (3, 1, 0)
         np.testing.assert_array_equal(result.lengths, [[0]] * 3)
@@ -246,18 +246,18 @@ def test_zero_max_length_gives_empty_outputs():
 
 def test_early_exit_when_every_sentence_is_done():
     # The longest scripted output has 6 tokens; max_length is 50.
-    greedy = run(decoding.greedy_search, **scripted_args(max_length=50))
+    greedy = run(search.greedy_search, **scripted_args(max_length=50))
     assert int(greedy.steps) == 6
     for alpha in (0.0, 1.0):
         beam = run(
-            decoding.beam_search, **scripted_args(max_length=50), beam_size=3, length_penalty=alpha
+            search.beam_search, **scripted_args(max_length=50), beam_size=3, length_penalty=alpha
         )
         assert int(beam.steps) == 6
         assert beam.ids.shape[-1] == 6
 
 
-@pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_finished_sentences_leave_the_step_functions_batch(search):
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_finished_sentences_leave_the_step_functions_batch(strategy):
     # Batch compaction: the scripted sentences end after 4, 2 and 6 tokens, so the step
     # function sees 3, 3, 2, 2, 1, 1 sentences (each with its beams), not 3 at all 6 steps,
     # and its rows carry their own script (the constants follow the rows).
@@ -270,10 +270,10 @@ def test_finished_sentences_leave_the_step_functions_batch(search):
         return scripted_step_fn(ids, state, constants)
 
     args = {**scripted_args(max_length=50), "step_fn": counting_step_fn}
-    if search == "greedy":
-        result, beam = run(decoding.greedy_search, **args), 1
+    if strategy == "greedy":
+        result, beam = run(search.greedy_search, **args), 1
     else:
-        result, beam = run(decoding.beam_search, **args, beam_size=3), 3
+        result, beam = run(search.beam_search, **args, beam_size=3), 3
     np.testing.assert_array_equal(
         result.ids[:, 0], [[2, 1, 2, 3, 0, 0], [1, 3, 0, 0, 0, 0], [0, 0, 1, 1, 2, 3]]
     )
@@ -298,9 +298,9 @@ def test_untiled_constants_reach_each_sentences_beams_through_compaction():
 
     for beam_size in (3, tf.constant(3)):  # a Python int, and a tensor as in the export
         shapes.assign(0)
-        tiled = run(decoding.beam_search, **scripted_args(max_length=50), beam_size=beam_size)
+        tiled = run(search.beam_search, **scripted_args(max_length=50), beam_size=beam_size)
         args = {**scripted_args(max_length=50), "step_fn": shared_step_fn}
-        shared = run(decoding.beam_search, **args, beam_size=beam_size, tile_constants=False)
+        shared = run(search.beam_search, **args, beam_size=beam_size, tile_constants=False)
         np.testing.assert_array_equal(shared.ids, tiled.ids)
         np.testing.assert_array_equal(shared.scores, tiled.scores)
         assert int(shapes.numpy()) == 3 + 3 + 2 + 2 + 1 + 1  # sentences, not rows
@@ -313,7 +313,7 @@ def test_two_pass_top_k_equals_top_k_ties_included(width, k):
     # columns is more than the 5 blocks of 64, where the plain top_k must take over.
     values = tf.round(tf.random.stateless_normal([7, width], seed=[width, k]) * 3.0)
     expected = tf.math.top_k(values, k=k)
-    got = tf.function(decoding._top_k)(values, tf.constant(k))
+    got = tf.function(search._top_k)(values, tf.constant(k))
     np.testing.assert_array_equal(got[0], expected.values)
     np.testing.assert_array_equal(got[1], expected.indices)
 
@@ -353,8 +353,8 @@ def rnn_args(batch_size=8, max_length=10):
 
 
 def test_beam_size_1_equals_greedy():
-    greedy = run(decoding.greedy_search, **rnn_args())
-    beam = run(decoding.beam_search, **rnn_args(), beam_size=1)
+    greedy = run(search.greedy_search, **rnn_args())
+    beam = run(search.beam_search, **rnn_args(), beam_size=1)
     lengths = greedy.lengths.numpy()
     assert len(set(lengths.ravel())) > 4 and (lengths == 10).any()  # ended and cut
     np.testing.assert_array_equal(beam.ids, greedy.ids)
@@ -377,10 +377,10 @@ def test_beam_search_escapes_greedy_trap():
         return np.log([p[w] for w in range(VOCAB_SIZE)])
 
     tree = PrefixTree(3, [log_probs])
-    greedy = run(decoding.greedy_search, **tree.args())
+    greedy = run(search.greedy_search, **tree.args())
     assert hypotheses(greedy, 0) == [(0, 0, END_ID)]
     np.testing.assert_allclose(greedy.log_probs, [[math.log(0.5 * 0.3 * 0.6)]], rtol=1e-5)
-    beam = run(decoding.beam_search, **tree.args(), beam_size=2)
+    beam = run(search.beam_search, **tree.args(), beam_size=2)
     assert hypotheses(beam, 0) == [(1, END_ID)]
     np.testing.assert_allclose(beam.scores, [[math.log(0.4 * 0.9)]], rtol=1e-5)
     assert tree.brute_force(0)[0][2] == (1, END_ID)
@@ -393,9 +393,9 @@ def test_beam_search_escapes_greedy_trap():
 def test_beam_search_matches_brute_force(alpha):
     tree = random_tree(max_length=4, batch_size=2, seed=1)
     # 27 beams keep every 3-word prefix, so the search is exact.
-    exact = run(decoding.beam_search, **tree.args(), beam_size=27, n_best=6, length_penalty=alpha)
+    exact = run(search.beam_search, **tree.args(), beam_size=27, n_best=6, length_penalty=alpha)
     # Beam size = vocabulary size: no guarantee, but these trees are easy enough.
-    small = run(decoding.beam_search, **tree.args(), beam_size=VOCAB_SIZE, length_penalty=alpha)
+    small = run(search.beam_search, **tree.args(), beam_size=VOCAB_SIZE, length_penalty=alpha)
     for b in range(tree.batch_size):
         expected = tree.brute_force(b, alpha)
         assert hypotheses(exact, b) == [h for _, _, h in expected[:6]]
@@ -408,7 +408,7 @@ def test_beam_search_matches_brute_force(alpha):
 
 def test_beam_search_scores_are_exact_for_inexact_search():
     tree = random_tree(max_length=4, batch_size=3, seed=2)
-    result = run(decoding.beam_search, **tree.args(), beam_size=2, n_best=2, length_penalty=0.6)
+    result = run(search.beam_search, **tree.args(), beam_size=2, n_best=2, length_penalty=0.6)
     for b in range(tree.batch_size):
         best = tree.brute_force(b, 0.6)[0][0]
         for hypothesis, score, log_prob in zip(
@@ -426,12 +426,12 @@ def test_batch_equals_sentences_decoded_alone():
     max_length = [4, 2, 3]
     options = dict(beam_size=3, n_best=2, length_penalty=0.6, coverage_penalty=0.3)
     batch = run(
-        decoding.beam_search, **tree.args(tf.constant(max_length)), **options, return_alignment=True
+        search.beam_search, **tree.args(tf.constant(max_length)), **options, return_alignment=True
     )
-    greedy_batch = run(decoding.greedy_search, **tree.args(tf.constant(max_length)))
+    greedy_batch = run(search.greedy_search, **tree.args(tf.constant(max_length)))
     for b in range(tree.batch_size):
         alone = run(
-            decoding.beam_search, **tree.args(max_length[b], [b]), **options, return_alignment=True
+            search.beam_search, **tree.args(max_length[b], [b]), **options, return_alignment=True
         )
         steps = alone.ids.shape[-1]
         np.testing.assert_array_equal(batch.ids[b, :, :steps], alone.ids[0])
@@ -440,7 +440,7 @@ def test_batch_equals_sentences_decoded_alone():
         np.testing.assert_allclose(batch.log_probs[b], alone.log_probs[0], rtol=1e-6)
         np.testing.assert_allclose(batch.alignments[b, :, :steps], alone.alignments[0])
         assert max(len(h) for h in hypotheses(batch, b)) <= max_length[b]
-        greedy_alone = run(decoding.greedy_search, **tree.args(max_length[b], [b]))
+        greedy_alone = run(search.greedy_search, **tree.args(max_length[b], [b]))
         assert hypotheses(greedy_batch, b) == hypotheses(greedy_alone, 0)
         np.testing.assert_allclose(greedy_batch.log_probs[b], greedy_alone.log_probs[0])
     assert_padded(batch)
@@ -468,7 +468,7 @@ def test_length_penalty_changes_ranking_as_its_formula_predicts():
     threshold = math.log(math.log(0.4) / math.log(0.6)) / math.log(9 / 7)
     tree = two_hypotheses_tree()
     for alpha, expected in ((0.0, short), (threshold - 0.1, short), (threshold + 0.1, long)):
-        result = run(decoding.beam_search, **tree.args(), beam_size=2, length_penalty=alpha)
+        result = run(search.beam_search, **tree.args(), beam_size=2, length_penalty=alpha)
         assert hypotheses(result, 0) == [expected]
         log_prob = math.log(0.6 if expected == short else 0.4)
         np.testing.assert_allclose(result.log_probs, [[log_prob]], rtol=1e-5)
@@ -480,7 +480,7 @@ def test_length_penalty_changes_ranking_as_its_formula_predicts():
 def test_finished_hypotheses_stay_frozen():
     tree = two_hypotheses_tree()
     alpha = 3.0
-    result = run(decoding.beam_search, **tree.args(), beam_size=2, n_best=2, length_penalty=alpha)
+    result = run(search.beam_search, **tree.args(), beam_size=2, n_best=2, length_penalty=alpha)
     # The short hypothesis finished at step 1 while the search went on to step 3 and
     # beyond: its log-prob and score are those it had when it finished.
     assert int(result.steps) >= 4
@@ -492,10 +492,10 @@ def test_finished_hypotheses_stay_frozen():
 def test_early_exit_with_length_penalty_bound():
     tree = two_hypotheses_tree(max_length=20)
     # alpha = 0: after step 1, (0, END) at log(0.6) beats every alive beam (<= log(0.4)).
-    result = run(decoding.beam_search, **tree.args(), beam_size=2)
+    result = run(search.beam_search, **tree.args(), beam_size=2)
     assert int(result.steps) == 2
     # alpha = 3: an alive beam could still win at max_length, the long hypothesis does.
-    result = run(decoding.beam_search, **tree.args(), beam_size=2, length_penalty=3.0)
+    result = run(search.beam_search, **tree.args(), beam_size=2, length_penalty=3.0)
     assert hypotheses(result, 0) == [(1, 2, 2, END_ID)]
     assert int(result.steps) < 20
 
@@ -503,7 +503,7 @@ def test_early_exit_with_length_penalty_bound():
 def test_heuristic_early_stopping_trades_the_long_hypothesis_for_steps():
     tree = two_hypotheses_tree(max_length=20)
     options = dict(beam_size=2, length_penalty=3.0, early_stopping="heuristic")
-    result = run(decoding.beam_search, **tree.args(), **options)
+    result = run(search.beam_search, **tree.args(), **options)
     # After step 2, (0, END) scores log(0.6) / lp(2) = -0.32; the best alive beam (1, 2) ending
     # at the next step would score log(0.4) / lp(3) = -0.39: the heuristic stops there, and
     # misses (1, 2, 2, END), which the exact bound finds (test above).
@@ -513,9 +513,9 @@ def test_heuristic_early_stopping_trades_the_long_hypothesis_for_steps():
 
 
 def test_heuristic_early_stopping_is_exact_without_length_penalty():
-    exact = run(decoding.beam_search, **rnn_args(), beam_size=3, n_best=2)
+    exact = run(search.beam_search, **rnn_args(), beam_size=3, n_best=2)
     heuristic = run(
-        decoding.beam_search, **rnn_args(), beam_size=3, n_best=2, early_stopping="heuristic"
+        search.beam_search, **rnn_args(), beam_size=3, n_best=2, early_stopping="heuristic"
     )
     for name in ("ids", "lengths", "scores", "steps"):
         np.testing.assert_array_equal(getattr(heuristic, name), getattr(exact, name))
@@ -523,14 +523,14 @@ def test_heuristic_early_stopping_is_exact_without_length_penalty():
 
 def test_unknown_early_stopping_is_an_error():
     with pytest.raises(ValueError, match="early_stopping must be one of exact, heuristic"):
-        run(decoding.beam_search, **rnn_args(), beam_size=2, early_stopping="never")
+        run(search.beam_search, **rnn_args(), beam_size=2, early_stopping="never")
 
 
 @pytest.mark.parametrize("alpha, beta", [(0.0, 0.5), (0.6, 0.2)])
 def test_coverage_penalty_matches_formula(alpha, beta):
     tree = random_tree(max_length=4, batch_size=2, seed=4, attention_size=4)
     options = dict(beam_size=27, n_best=5, length_penalty=alpha, coverage_penalty=beta)
-    result = run(decoding.beam_search, **tree.args(), **options)
+    result = run(search.beam_search, **tree.args(), **options)
     for b in range(tree.batch_size):
         expected = tree.brute_force(b, alpha, beta)[:5]
         assert hypotheses(result, b) == [h for _, _, h in expected]
@@ -541,21 +541,21 @@ def test_coverage_penalty_matches_formula(alpha, beta):
 
 def test_missing_attention_is_a_trace_time_error():
     with pytest.raises(ValueError, match="coverage_penalty"):
-        decoding.beam_search(**scripted_args(5), beam_size=2, coverage_penalty=0.2)
+        search.beam_search(**scripted_args(5), beam_size=2, coverage_penalty=0.2)
     with pytest.raises(ValueError, match="return_alignment"):
-        decoding.greedy_search(**scripted_args(5), return_alignment=True)
+        search.greedy_search(**scripted_args(5), return_alignment=True)
 
 
 def test_n_best_larger_than_beam_size_is_an_error():
     with pytest.raises(ValueError, match="n_best"):
-        decoding.beam_search(**scripted_args(5), beam_size=2, n_best=3)
+        search.beam_search(**scripted_args(5), beam_size=2, n_best=3)
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.int32)])
-    def search(n_best):
-        return decoding.beam_search(**scripted_args(5), beam_size=2, n_best=n_best)
+    def decode(n_best):
+        return search.beam_search(**scripted_args(5), beam_size=2, n_best=n_best)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="n_best"):
-        search(3)
+        decode(3)
 
 
 # Alignments.
@@ -564,9 +564,9 @@ def test_n_best_larger_than_beam_size_is_an_error():
 def test_alignments_follow_each_hypothesis_prefix():
     tree = random_tree(max_length=4, batch_size=2, seed=5, attention_size=6)
     results = [
-        run(decoding.greedy_search, **tree.args(), return_alignment=True),
-        run(decoding.sample, **tree.args(), seed=3, return_alignment=True),
-        run(decoding.beam_search, **tree.args(), beam_size=4, n_best=3, return_alignment=True),
+        run(search.greedy_search, **tree.args(), return_alignment=True),
+        run(search.sample, **tree.args(), seed=3, return_alignment=True),
+        run(search.beam_search, **tree.args(), beam_size=4, n_best=3, return_alignment=True),
     ]
     for result in results:
         batch, n_best, steps = result.ids.shape
@@ -585,9 +585,9 @@ def test_alignments_follow_each_hypothesis_prefix():
 
 def test_sampling_limits_equal_greedy():
     tree = random_tree(max_length=6, batch_size=8, seed=6)
-    greedy = run(decoding.greedy_search, **tree.args())
+    greedy = run(search.greedy_search, **tree.args())
     for options in (dict(temperature=1e-4), dict(top_k=1)):
-        sampled = run(decoding.sample, **tree.args(), seed=1, **options)
+        sampled = run(search.sample, **tree.args(), seed=1, **options)
         np.testing.assert_array_equal(sampled.ids, greedy.ids)
         np.testing.assert_array_equal(sampled.lengths, greedy.lengths)
         np.testing.assert_allclose(sampled.log_probs, greedy.log_probs, rtol=1e-6)
@@ -595,9 +595,9 @@ def test_sampling_limits_equal_greedy():
 
 def test_sampling_is_reproducible_and_respects_top_k():
     tree = random_tree(max_length=6, batch_size=8, seed=7)
-    first = run(decoding.sample, **tree.args(), seed=11, top_k=2)
-    again = run(decoding.sample, **tree.args(), seed=11, top_k=2)
-    other = run(decoding.sample, **tree.args(), seed=12, top_k=2)
+    first = run(search.sample, **tree.args(), seed=11, top_k=2)
+    again = run(search.sample, **tree.args(), seed=11, top_k=2)
+    other = run(search.sample, **tree.args(), seed=12, top_k=2)
     np.testing.assert_array_equal(first.ids, again.ids)
     assert not np.array_equal(first.ids, other.ids)
     for b in range(tree.batch_size):
@@ -624,8 +624,8 @@ def test_one_trace_serves_any_beam_size_n_best_and_penalties():
     args = tree.args()
 
     @tf.function(input_signature=SIGNATURE)
-    def search(max_length, beam_size, n_best, alpha, beta):
-        return decoding.beam_search(
+    def decode(max_length, beam_size, n_best, alpha, beta):
+        return search.beam_search(
             **{**args, "max_length": max_length},
             beam_size=beam_size,
             n_best=n_best,
@@ -635,8 +635,8 @@ def test_one_trace_serves_any_beam_size_n_best_and_penalties():
         )
 
     for beam_size, n_best, alpha, beta in ((1, 1, 0.0, 0.0), (3, 2, 0.6, 0.0), (5, 3, 1.0, 0.4)):
-        result = search(3, beam_size, n_best, alpha, beta)
-        expected = decoding.beam_search(
+        result = decode(3, beam_size, n_best, alpha, beta)
+        expected = search.beam_search(
             **args,
             beam_size=beam_size,
             n_best=n_best,
@@ -647,12 +647,12 @@ def test_one_trace_serves_any_beam_size_n_best_and_penalties():
         for name in ("ids", "lengths", "scores", "log_probs", "alignments"):
             np.testing.assert_allclose(getattr(result, name), getattr(expected, name), rtol=1e-6)
     # 9 beams keep every 2-word prefix: exact, against brute force.
-    result = search(3, 9, 4, 0.8, 0.3)
+    result = decode(3, 9, 4, 0.8, 0.3)
     for b in range(tree.batch_size):
         expected = tree.brute_force(b, 0.8, 0.3)[:4]
         assert hypotheses(result, b) == [h for _, _, h in expected]
         np.testing.assert_allclose(result.scores[b], [s for s, _, _ in expected], atol=1e-5)
-    assert search.experimental_get_tracing_count() == 1
+    assert decode.experimental_get_tracing_count() == 1
 
 
 def test_saved_model_round_trip(tmp_path):
@@ -662,7 +662,7 @@ def test_saved_model_round_trip(tmp_path):
     class Decoder(tf.Module):
         @tf.function(input_signature=SIGNATURE)
         def beam_search(self, max_length, beam_size, n_best, alpha, beta):
-            result = decoding.beam_search(
+            result = search.beam_search(
                 **{**args, "max_length": max_length},
                 beam_size=beam_size,
                 n_best=n_best,
@@ -681,4 +681,4 @@ def test_saved_model_round_trip(tmp_path):
 
 
 def test_docstring_examples():
-    assert doctest.testmod(decoding, raise_on_error=True).attempted > 0
+    assert doctest.testmod(search, raise_on_error=True).attempted > 0

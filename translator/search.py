@@ -4,8 +4,11 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from translator.config import DecodingConfig, field_choices
+
 _NEG_INF = float("-inf")
-EARLY_STOPPING = ("exact", "heuristic")
+# When beam search stops a sentence; the values are defined once, by the config.
+EARLY_STOPPING = tuple(sorted(field_choices(DecodingConfig, "early_stopping")))
 
 
 class DecodingResult(NamedTuple):

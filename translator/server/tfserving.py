@@ -1,0 +1,320 @@
+"""TensorFlow Serving's REST dialect: `:predict` (row and columnar formats), model status and
+metadata, with TF Serving's JSON shapes and its `{"error": ...}` bodies, so clients can move to
+a TF Serving deployment unchanged."""
+
+import base64
+import binascii
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+
+from translator.server.backends import SignatureInfo
+from translator.server.errors import ApiError
+from translator.server.middleware import require_json_object
+from translator.server.protocol import (
+    DEFAULT_SIGNATURE,
+    LENGTH_PENALTY_BOUNDS,
+    ErrorBody,
+    ModelMetadataResponse,
+    ModelStatusResponse,
+    PredictRequest,
+    PredictResponse,
+    jsonable,
+    valid_unicode,
+)
+from translator.server.service import Service, ServiceState
+from translator.server.settings import NAME_PATTERN, VERSION_PATTERN, ServerSettings
+
+ModelName = Annotated[str, PathParam(description="The model's name, e.g. en-fr.")]
+Version = Annotated[str, PathParam(pattern=VERSION_PATTERN, description="A model version number.")]
+NOT_FOUND = {404: {"model": ErrorBody, "description": "No such model or version."}}
+
+router = APIRouter()
+
+
+class PredictJSONResponse(JSONResponse):
+    """TF Serving writes NaN and Infinity as bare tokens; so does this response."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=True).encode("utf-8")
+
+
+def check_model(state: ServiceState, name: str, version: str | None) -> int | None:
+    """The version number asked for, once the model name and version are known to exist."""
+    if ":" in name:  # GET /v1/models/x:predict
+        raise ApiError(405, f"use POST for {name}", headers={"Allow": "POST"})
+    if not re.match(NAME_PATTERN, name):
+        raise ApiError(400, f"Malformed model name {name!r}: use letters, digits, '.', '_' and '-'")
+    number = int(version) if version is not None else None
+    spec = f"Specific({name}, {number})" if number is not None else f"Latest({name})"
+    backend = state.backend
+    if name != backend.name:
+        raise ApiError(404, f"Servable not found for request: {spec}")
+    state.require_ready()
+    if number is not None and not backend.serves_version(number):
+        raise ApiError(404, f"Servable not found for request: {spec}")
+    return number
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+PREDICT = dict(
+    response_model=PredictResponse,
+    responses=NOT_FOUND,
+    summary="TF Serving predict (row or columnar format)",
+    dependencies=[Depends(require_json_object)],
+)
+STATUS = dict(
+    response_model=ModelStatusResponse, responses=NOT_FOUND, summary="TF Serving model status"
+)
+METADATA = dict(
+    response_model=ModelMetadataResponse,
+    responses=NOT_FOUND,
+    summary="TF Serving model metadata (signatures)",
+)
+
+
+async def predict(state: ServiceState, name: str, version: str | None, body: PredictRequest):
+    number = check_model(state, name, version)
+    call = parse_predict(body, state.backend.signatures(), state.settings)
+    outputs = await state.predict(call.signature.name, number, call.texts, call.scalars)
+    return PredictJSONResponse(format_predict(call, outputs))
+
+
+@router.post("/v1/models/{name}:predict", **PREDICT)
+async def predict_latest(name: ModelName, body: PredictRequest, state: Service):
+    return await predict(state, name, None, body)
+
+
+@router.post("/v1/models/{name}/versions/{version}:predict", **PREDICT)
+async def predict_version(name: ModelName, version: Version, body: PredictRequest, state: Service):
+    return await predict(state, name, version, body)
+
+
+@router.get("/v1/models/{name}", **STATUS)
+async def status_latest(name: ModelName, state: Service):
+    return await state.call_backend(state.backend.status, check_model(state, name, None))
+
+
+@router.get("/v1/models/{name}/versions/{version}", **STATUS)
+async def status_version(name: ModelName, version: Version, state: Service):
+    return await state.call_backend(state.backend.status, check_model(state, name, version))
+
+
+@router.get("/v1/models/{name}/metadata", **METADATA)
+async def metadata_latest(name: ModelName, state: Service):
+    return await state.call_backend(state.backend.metadata, check_model(state, name, None))
+
+
+@router.get("/v1/models/{name}/versions/{version}/metadata", **METADATA)
+async def metadata_version(name: ModelName, version: Version, state: Service):
+    return await state.call_backend(state.backend.metadata, check_model(state, name, version))
+
+
+# -- the request format ------------------------------------------------------------------------
+
+
+@dataclass
+class PredictCall:
+    signature: SignatureInfo
+    texts: list[str]
+    scalars: dict[str, Any]
+    row_format: bool
+
+
+def _string_value(value, where: str, limits: ServerSettings) -> str:
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        try:
+            raw = base64.b64decode(value["b64"], validate=True)
+            value = raw.decode("utf-8")
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"{where}: {{'b64': ...}} must hold base64 of UTF-8 text") from e
+    if not isinstance(value, str):
+        raise ApiError(
+            400,
+            f"{where}: JSON value {_short(value)} is not of expected type: DT_STRING "
+            '(a string, or {"b64": "..."})',
+        )
+    try:
+        valid_unicode(value)
+    except ValueError as e:
+        raise ApiError(400, f"{where}: {e}") from e
+    if len(value) > limits.max_text_chars:
+        raise ApiError(
+            400, f"{where}: text of {len(value)} characters, the limit is {limits.max_text_chars}"
+        )
+    return value
+
+
+def _short(value) -> str:
+    text = json.dumps(value, allow_nan=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _scalar_value(value, name: str, dtype: str, where: str):
+    if dtype in ("DT_INT32", "DT_INT64"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(
+                400, f"{where}: JSON value {_short(value)} is not of expected type: {dtype}"
+            )
+        limit = 2**31 if dtype == "DT_INT32" else 2**63
+        if not -limit <= value < limit:
+            raise ApiError(400, f"{where}: {value} does not fit {dtype}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ApiError(400, f"{where}: JSON value {_short(value)} is not of expected type: {dtype}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ApiError(400, f"{where}: {_short(value)} is out of the range of {dtype}") from None
+    if not math.isfinite(number):
+        raise ApiError(400, f"{where}: must be a finite number, got {value}")
+    return number
+
+
+def _check_decoding(scalars: dict, limits: ServerSettings, where: str) -> None:
+    """The ranges the graph (and this service) accepts; the graph's own check is the last word."""
+    beam = scalars.get("beam_size")
+    if beam is not None and not 1 <= beam <= limits.max_beam_size:
+        raise ApiError(400, f"{where}beam_size must be between 1 and {limits.max_beam_size}")
+    n_best = scalars.get("n_best")
+    if n_best is not None and n_best < 1:
+        raise ApiError(400, f"{where}n_best must be at least 1")
+    if n_best is not None and beam is not None and n_best > beam:
+        raise ApiError(400, f"{where}n_best ({n_best}) must not be larger than beam_size ({beam})")
+    alpha = scalars.get("length_penalty")
+    low, high = LENGTH_PENALTY_BOUNDS
+    if alpha is not None and not low <= alpha <= high:
+        raise ApiError(400, f"{where}length_penalty must be between {low:g} and {high:g}")
+
+
+def parse_predict(
+    body: PredictRequest, signatures: dict[str, SignatureInfo], limits: ServerSettings
+) -> PredictCall:
+    """Reads a TF Serving predict request the way TF Serving does, with this service's limits.
+
+    Row format (`instances`) stacks every instance's values into a batch, so it cannot carry
+    rank-0 inputs (the `translate` signature's beam_size, n_best, length_penalty): such a
+    request is refused with a 400 that points at the columnar format, as TF Serving refuses it.
+    """
+    name = body.signature_name or DEFAULT_SIGNATURE  # TF Serving: "" is the default
+    if name not in signatures:
+        raise ApiError(400, f'Serving signature name: "{name}" not found in signature def')
+    signature = signatures[name]
+    if not signature.servable:
+        raise ApiError(400, f"signature {name!r} has inputs this service cannot feed")
+    given = body.model_fields_set
+    has_instances, has_inputs = "instances" in given, "inputs" in given
+    if has_instances and has_inputs:
+        raise ApiError(
+            400, "Not formatted correctly: expecting only one of 'inputs' or 'instances'"
+        )
+    if not has_instances and not has_inputs:
+        raise ApiError(400, "Missing 'inputs' or 'instances' key")
+    if has_instances:
+        return _parse_instances(body.instances, signature, limits)
+    return _parse_inputs(body.inputs, signature, limits)
+
+
+def _parse_instances(instances, signature: SignatureInfo, limits: ServerSettings) -> PredictCall:
+    name, text_key = signature.name, signature.text_input
+    if instances is None:
+        raise ApiError(400, "Expecting 'instances' to be a list/array")
+    if not instances:
+        raise ApiError(400, "No values in 'instances' array")
+    if signature.scalars:
+        raise ApiError(
+            400,
+            f"signature {name!r} has scalar inputs ({', '.join(sorted(signature.scalars))}) "
+            "that the row format ('instances') cannot carry: TF Serving stacks every "
+            "instance's values into a batch. Use the columnar format: "
+            f'{{"signature_name": "{name}", "inputs": {{"{text_key}": [...], '
+            + ", ".join(f'"{k}": ...' for k in sorted(signature.scalars))
+            + "}}",
+        )
+    _check_count(len(instances), limits)
+    objects = _is_object(instances[0])
+    texts = []
+    for i, instance in enumerate(instances):
+        where = f"instances[{i}]"
+        if objects:
+            if not _is_object(instance):
+                raise ApiError(400, f"Expecting object but got list at item {i} of input list")
+            if set(instance) != {text_key}:
+                raise ApiError(
+                    400,
+                    f"Failed to process element: {i} of 'instances' list. JSON object keys "
+                    f"must be equal to: {text_key}",
+                )
+            instance = instance[text_key]
+            where += f".{text_key}"
+        elif _is_object(instance):
+            raise ApiError(400, f"Expecting value/list but got object at item {i} of input list")
+        texts.append(_string_value(instance, where, limits))
+    return PredictCall(signature, texts, {}, row_format=True)
+
+
+def _parse_inputs(inputs, signature: SignatureInfo, limits: ServerSettings) -> PredictCall:
+    name, text_key = signature.name, signature.text_input
+    if not _is_object(inputs):
+        if signature.scalars:
+            raise ApiError(
+                400,
+                "inputs is a plain value/list, but expecting an object as multiple input tensors "
+                f"required as per tensorinfo_map ({', '.join(sorted(signature.inputs))})",
+            )
+        inputs = {text_key: inputs}
+    unknown = sorted(set(inputs) - set(signature.inputs))
+    if unknown:
+        raise ApiError(
+            400,
+            f"unknown input(s) {unknown} for signature {name!r}: it takes "
+            f"{sorted(signature.inputs)}",
+        )
+    for key in sorted(signature.inputs):
+        if key not in inputs:
+            raise ApiError(400, f"Missing named input: {key} in 'inputs' object.")
+    column = inputs[text_key]
+    if not isinstance(column, list):
+        raise ApiError(
+            400, f"inputs.{text_key} must be a list of strings (a tensor of shape [batch])"
+        )
+    if not column:
+        raise ApiError(400, f"inputs.{text_key} is empty: nothing to translate")
+    _check_count(len(column), limits)
+    texts = [_string_value(v, f"inputs.{text_key}[{i}]", limits) for i, v in enumerate(column)]
+    scalars = {
+        key: _scalar_value(inputs[key], key, dtype, f"inputs.{key}")
+        for key, dtype in signature.scalars.items()
+    }
+    _check_decoding(scalars, limits, "inputs: ")
+    return PredictCall(signature, texts, scalars, row_format=False)
+
+
+def _is_object(value) -> bool:
+    return isinstance(value, dict) and not (set(value) == {"b64"})
+
+
+def _check_count(n: int, limits: ServerSettings) -> None:
+    if n > limits.max_texts:
+        raise ApiError(400, f"{n} texts in one request, the limit is {limits.max_texts}")
+
+
+def format_predict(call: PredictCall, outputs: dict) -> dict:
+    """The outputs in the request's format: `predictions` (rows) or `outputs` (columns)."""
+    names = [k for k in call.signature.outputs if k in outputs] or sorted(outputs)
+    columns = {k: jsonable(outputs[k]) for k in names}
+    if call.row_format:
+        if len(names) == 1:
+            return {"predictions": columns[names[0]]}
+        rows = len(call.texts)
+        return {"predictions": [{k: columns[k][i] for k in names} for i in range(rows)]}
+    if len(names) == 1:
+        return {"outputs": columns[names[0]]}
+    return {"outputs": columns}

@@ -1,0 +1,121 @@
+"""What a run reads: its run directory, SentencePiece models, training batches, validation set."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from translator import data as data_lib
+from translator.config import Config
+from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+log = logging.getLogger(__name__)
+
+
+def check_run_dir(run_dir: Path, needed_bytes: int = 200 << 20) -> None:
+    """Fails before training if the run directory cannot be written or the disk is nearly full."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"run directory {run_dir} is not writable ({e.strerror or e}); choose another with "
+            "--run-dir"
+        ) from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise OSError(
+            f"only {free >> 20} MiB free under {run_dir}; checkpoints need about "
+            f"{needed_bytes >> 20} MiB. Free some space or choose another --run-dir."
+        )
+
+
+def prepare_tokenizers(config: Config, train_pairs, run_dir: Path, train_missing: bool = True):
+    """Trains (or reuses, when the run already has them) the SentencePiece model(s).
+
+    With `train_missing=False` (a multi-worker run's other workers, which read the chief's), a
+    missing model is an error instead.
+
+    Returns:
+        `(source_tokenizer, target_tokenizer)`, one object twice with `tokenizer.joint`.
+    """
+    t = config.tokenizer
+    kwargs = dict(
+        vocab_size=t.vocab_size,
+        model_type=t.model_type,
+        character_coverage=t.character_coverage,
+        input_sentence_size=t.input_sentence_size,
+        seed=config.training.seed,
+    )
+    sources = [s for s, _ in train_pairs]
+    targets = [f for _, f in train_pairs]
+    if t.joint:
+        path = run_dir / "spm.model"
+        if not path.exists():
+            _check_shared(path, train_missing)
+            log.info("training a joint SentencePiece model (%d pieces)", t.vocab_size)
+            train_sentencepiece(sources + targets, path, **kwargs)
+        tokenizer = SentencePieceTokenizer(model_path=str(path))
+        return tokenizer, tokenizer
+    tokenizers = []
+    for side, texts in (("source", sources), ("target", targets)):
+        path = run_dir / f"spm.{side}.model"
+        if not path.exists():
+            _check_shared(path, train_missing)
+            log.info("training the %s SentencePiece model (%d pieces)", side, t.vocab_size)
+            train_sentencepiece(texts, path, **kwargs)
+        tokenizers.append(SentencePieceTokenizer(model_path=str(path)))
+    return tuple(tokenizers)
+
+
+def _check_shared(path: Path, train_missing: bool) -> None:
+    if not train_missing:
+        raise FileNotFoundError(
+            f"{path} is missing: in a multi-worker run every worker reads the chief's run "
+            "directory, so --run-dir must be on storage all workers share (NFS, a shared volume)"
+        )
+
+
+def load_training_pairs(config: Config):
+    """The (English, French) training pairs of the mixture of `data.corpora`."""
+    d = config.data
+    corpora = [(c.name, c.weight) for c in d.corpora]
+    return data_lib.load_mixture(corpora, "train", data_dir=d.data_dir, seed=config.training.seed)
+
+
+def batch_maker(config: Config, source_tokenizer, target_tokenizer):
+    """`training_batches(pairs)`: the shuffled, repeated `(inputs, target_out_ids)` batches.
+
+    The data order is a pure function of `training.seed`, so a resumed run skips the batches it
+    consumed already and goes on with exactly those it would have seen.
+    """
+
+    def training_batches(pairs):
+        return data_lib.make_dataset(
+            pairs,
+            source_tokenizer,
+            target_tokenizer,
+            batch_tokens=config.data.batch_tokens,
+            max_length=config.data.max_length,
+            shuffle=True,
+            seed=config.training.seed,
+            repeat=True,
+            pad_to_bucket=config.training.jit_compile,  # one XLA program per bucket, not per batch shape
+        ).map(lambda inputs, target_out, _: (inputs, target_out))  # the loss masks PAD itself
+
+    return training_batches
+
+
+def load_validation(config: Config) -> tuple[list[str], list[list[str]]]:
+    """`(sources, reference lists)` of the validation split, cut to `data.validation_size`."""
+    validation = data_lib.load_references(
+        config.data.validation_corpus,
+        config.data.validation_split,
+        data_dir=config.data.data_dir,
+    )
+    if config.data.validation_size:
+        validation = validation[: config.data.validation_size]
+    return [s for s, _ in validation], [r for _, r in validation]
