@@ -14,7 +14,7 @@ import time
 
 import tensorflow as tf
 
-from translator import data
+from translator import corpora, data
 from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 
@@ -67,7 +67,7 @@ def main(argv=None):
         args.max_length = config.data.max_length
         args.vocab_size = config.tokenizer.vocab_size
 
-    pairs = data.load_pairs(args.corpus, args.split, args.data_dir)
+    pairs = corpora.load_pairs(args.corpus, args.split, args.data_dir)
     spm_path = args.spm or os.path.join(tempfile.gettempdir(), "translator-bench-spm.model")
     if not os.path.exists(spm_path):
         texts = [sentence for pair in pairs for sentence in pair]

@@ -40,9 +40,9 @@ PATHS = ("SavedModel", "Python API", "Python bf16 proj", "Python bf16", "SavedMo
 
 
 def load_sentences(n):
-    from translator import data
+    from translator import corpora
 
-    pairs = data.load_pairs("multi30k", "test_2016_flickr")
+    pairs = corpora.load_pairs("multi30k", "test_2016_flickr")
     return [source for source, _ in pairs[:n]]
 
 
@@ -50,7 +50,7 @@ def untrained_model_dir(config_path, out_dir):
     """A model directory with the architecture of `config_path` and random weights."""
     from pathlib import Path
 
-    from translator import data
+    from translator import corpora
     from translator.config import load_config
     from translator.export import export
     from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -59,7 +59,7 @@ def untrained_model_dir(config_path, out_dir):
     config = load_config(config_path)
     run = os.path.join(out_dir, "run")
     os.makedirs(run, exist_ok=True)
-    sentences = [s for pair in data.load_pairs("multi30k", "train")[:20000] for s in pair]
+    sentences = [s for pair in corpora.load_pairs("multi30k", "train")[:20000] for s in pair]
     spm_path = train_sentencepiece(
         sentences, os.path.join(run, "spm.model"), config.tokenizer.vocab_size
     )

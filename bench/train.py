@@ -82,10 +82,10 @@ def forward_flops(m, batch, source_len, target_len, source_vocab, target_vocab):
 
 
 def real_batches(config, n):
-    from translator import data
+    from translator import corpora, data
     from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
-    pairs = data.load_pairs("multi30k", "train")
+    pairs = corpora.load_pairs("multi30k", "train")
     folder = tempfile.mkdtemp()
     path = train_sentencepiece(
         [s for p in pairs for s in p], os.path.join(folder, "spm.model"),

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from translator import data
-from translator.data import DataError, load_pairs, load_references, make_dataset, tatoeba_split
+from translator import corpora, data
+from translator.corpora import DataError, load_pairs, load_references, tatoeba_split
+from translator.data import make_dataset
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SentencePieceTokenizer, train_sentencepiece
 
 SUBJECTS = [
@@ -99,12 +100,12 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """Points every download at a missing local file, so no test can reach the network."""
-    monkeypatch.setattr(data, "MULTI30K_URL", "file:///nonexistent/translator-tests/multi30k")
-    monkeypatch.setattr(data, "TATOEBA_URL", "file:///nonexistent/translator-tests/fra-eng.zip")
+    monkeypatch.setattr(corpora, "MULTI30K_URL", "file:///nonexistent/translator-tests/multi30k")
+    monkeypatch.setattr(corpora, "TATOEBA_URL", "file:///nonexistent/translator-tests/fra-eng.zip")
 
 
-def _log_lines(caplog):
-    return [record for record in caplog.records if record.name == "translator.data"]
+def _log_lines(caplog, logger="translator.data"):
+    return [record for record in caplog.records if record.name == logger]
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,15 +135,15 @@ def test_multi30k_pairs_stay_aligned(data_dir):
 
 
 def test_data_dir_defaults_to_environment_variable(data_dir, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(data_dir))
+    monkeypatch.setenv(corpora.DATA_DIR_ENV, str(data_dir))
     assert len(load_pairs("multi30k", "val")) == 12
 
 
 def test_multi30k_downloads_from_url(tmp_path, monkeypatch):
     remote = tmp_path / "remote"
     _write_multi30k(remote)
-    monkeypatch.setattr(data, "MULTI30K_URL", (remote / "multi30k").as_uri())
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(corpora, "MULTI30K_URL", (remote / "multi30k").as_uri())
+    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
     cache = tmp_path / "keras-cache"
     pairs = load_pairs("multi30k", "test", data_dir=tmp_path / "empty", cache_dir=str(cache))
     assert pairs == PAIRS[72:]
@@ -150,14 +151,14 @@ def test_multi30k_downloads_from_url(tmp_path, monkeypatch):
 
 
 def test_missing_corpus_says_where_and_how(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
     with pytest.raises(DataError) as error:
         load_pairs("multi30k", "train", data_dir=tmp_path / "mine", cache_dir=str(tmp_path))
     message = str(error.value)
     assert os.path.join(str(tmp_path / "mine"), "multi30k") in message
     assert "train.en.gz" in message and "train.fr.gz" in message
     assert "TRANSLATOR_DATA_DIR" in message and "data_dir" in message
-    assert "download" in message and data.MULTI30K_URL in message
+    assert "download" in message and corpora.MULTI30K_URL in message
     assert error.value.__suppress_context__  # the message, not a urllib traceback
 
     with pytest.raises(DataError, match="TRANSLATOR_DATA_DIR is not set") as error:
@@ -219,8 +220,8 @@ def test_tatoeba_downloads_zip(tmp_path, monkeypatch):
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("_about.txt", "about")
         zf.writestr("fra.txt", "\n".join(_tatoeba_lines()) + "\n")
-    monkeypatch.setattr(data, "TATOEBA_URL", archive.as_uri())
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(corpora, "TATOEBA_URL", archive.as_uri())
+    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
     pairs = load_pairs("tatoeba", "train", cache_dir=str(tmp_path / "cache"))
     assert len(pairs) > 500
 
@@ -260,17 +261,17 @@ def test_files_corpus_replaces_split(data_dir):
 
 
 def test_load_mixture_repeats_by_weight(data_dir):
-    mixture = data.load_mixture(
+    mixture = corpora.load_mixture(
         [("multi30k", 2.0), ("files:" + _plain_files(data_dir), 0.5)], "train", data_dir
     )
     assert len(mixture) == 2 * 60 + 6
     assert mixture[:120] == PAIRS[:60] * 2
-    again = data.load_mixture(
+    again = corpora.load_mixture(
         [("multi30k", 2.0), ("files:" + _plain_files(data_dir), 0.5)], "train", data_dir
     )
     assert again == mixture
     with pytest.raises(DataError, match="weights must be > 0"):
-        data.load_mixture([("multi30k", 0)], "train", data_dir)
+        corpora.load_mixture([("multi30k", 0)], "train", data_dir)
 
 
 def _plain_files(data_dir):
@@ -323,9 +324,9 @@ def test_different_line_counts_name_both_files_and_counts(tmp_path):
 def test_empty_lines_are_dropped_with_one_log_line(tmp_path, caplog):
     _write_gz(tmp_path / "multi30k" / "val.en.gz", ["One.", "", "Three.", "  \t", "Five."])
     _write_gz(tmp_path / "multi30k" / "val.fr.gz", ["Un.", "Deux.", " ", "Quatre.", "Cinq."])
-    caplog.set_level(logging.INFO, logger="translator.data")
+    caplog.set_level(logging.INFO, logger="translator.corpora")
     assert load_pairs("multi30k", "val", tmp_path) == [("One.", "Un."), ("Five.", "Cinq.")]
-    records = _log_lines(caplog)
+    records = _log_lines(caplog, "translator.corpora")
     assert len(records) == 1
     assert "dropped 3 of 5 pairs with an empty or whitespace-only side" in records[0].getMessage()
 
@@ -349,7 +350,7 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
 def test_carriage_returns_and_byte_order_mark_are_removed(tmp_path):
     (tmp_path / "a.en").write_bytes("\ufeffOne.\r\nTwo.\r\n".encode())
     (tmp_path / "a.fr").write_bytes(b"Un.\r\nDeux.\r\n")
-    assert data.load_parallel_files(tmp_path / "a.en", tmp_path / "a.fr") == [
+    assert corpora.load_parallel_files(tmp_path / "a.en", tmp_path / "a.fr") == [
         ("One.", "Un."),
         ("Two.", "Deux."),
     ]
@@ -359,7 +360,7 @@ def test_unicode_line_separators_do_not_split_lines(tmp_path):
     # str.splitlines() would split at U+2028 and U+0085 and misalign the two sides.
     (tmp_path / "a.en").write_text("One\u2028still one.\nTwo\x85 still two.\n", "utf-8")
     (tmp_path / "a.fr").write_text("Un.\nDeux.\n", "utf-8")
-    assert len(data.load_parallel_files(tmp_path / "a.en", tmp_path / "a.fr")) == 2
+    assert len(corpora.load_parallel_files(tmp_path / "a.en", tmp_path / "a.fr")) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +501,9 @@ def test_document_corpora_hold_out_whole_documents(tmp_path, corpus):
     seen = {split: {en.split(" ")[0] for en, _ in pairs} for split, pairs in splits.items()}
     # Every line of a document lands in its document's split, and the splits cover the corpus.
     for split, names in seen.items():
-        assert names == {name for name in documents if data.document_split(corpus, name) == split}
+        assert names == {
+            name for name in documents if corpora.document_split(corpus, name) == split
+        }
         assert len(splits[split]) == 3 * len(names)
     assert sum(len(names) for names in seen.values()) == len(documents)
     assert seen["test"] and seen["validation"]  # 400 documents: some land in each held-out set
@@ -525,12 +528,12 @@ def test_missing_document_corpus_says_what_to_put_where(tmp_path):
 
 
 def test_news_splits_are_the_wmt_sets(tmp_path):
-    for i, name in enumerate((*data.NEWS_TRAIN_SETS, data.NEWS_DEV_SET)):
+    for i, name in enumerate((*corpora.NEWS_TRAIN_SETS, corpora.NEWS_DEV_SET)):
         _write_gz(tmp_path / "news" / f"{name}.en.gz", [f"{name} en {j}" for j in range(i + 1)])
         _write_gz(tmp_path / "news" / f"{name}.fr.gz", [f"{name} fr {j}" for j in range(i + 1)])
     train = load_pairs("news", "train", data_dir=str(tmp_path))
-    assert len(train) == sum(range(1, len(data.NEWS_TRAIN_SETS) + 1))
-    assert {en.split(" ")[0] for en, _ in train} == set(data.NEWS_TRAIN_SETS)
+    assert len(train) == sum(range(1, len(corpora.NEWS_TRAIN_SETS) + 1))
+    assert {en.split(" ")[0] for en, _ in train} == set(corpora.NEWS_TRAIN_SETS)
     dev = load_pairs("news", "newstest2013", data_dir=str(tmp_path))
     assert dev == load_pairs("news", "val", data_dir=str(tmp_path))
     assert dev[0] == ("newstest2013 en 0", "newstest2013 fr 0") and len(dev) == 7

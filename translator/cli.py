@@ -109,6 +109,12 @@ def _choices(name: str) -> list[str]:
     return field_choices(DecodingConfig, name)
 
 
+def _weight_dtypes() -> tuple[str, ...]:
+    from translator.config import WEIGHT_DTYPES
+
+    return WEIGHT_DTYPES
+
+
 def add_decoding_arguments(parser) -> None:
     """The decoding options of `translate` and `evaluate` that override the model's config."""
     parser.add_argument(
@@ -270,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights-dtype",
         default="float32",
-        choices=["float32", "float16", "bfloat16"],
+        choices=_weight_dtypes(),
         help="storage type of the weights (float16 halves the export; compute stays float32)",
     )
     p.add_argument(

@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# How `translator export` may store the weights (the computation stays float32).
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
 
 class ConfigError(ValueError):
     """A config file or override that does not validate; the message says what and where."""

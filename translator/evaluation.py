@@ -26,7 +26,7 @@ def load_test_set(corpus=None, split="test", data_dir=None, source=None, referen
     """Sources, reference lists and a label, from a corpus split or from plain files.
 
     Args:
-        corpus, split, data_dir: a named corpus (`translator.data.load_references`).
+        corpus, split, data_dir: a named corpus (`translator.corpora.load_references`).
         source: a plain-text source file instead, with `references`, a list of reference
             files aligned with it line by line (several give multi-reference BLEU).
 
@@ -49,9 +49,9 @@ def load_test_set(corpus=None, split="test", data_dir=None, source=None, referen
         return sources, grouped, Path(source).name
     if not corpus:
         raise ValueError("give --corpus (and --split), or --source with --reference files")
-    from translator import data
+    from translator import corpora
 
-    grouped = data.load_references(corpus, split, data_dir=data_dir)
+    grouped = corpora.load_references(corpus, split, data_dir=data_dir)
     return [s for s, _ in grouped], [r for _, r in grouped], f"{corpus}.{split}"
 
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from translator.config import WEIGHT_DTYPES
 from translator.files import atomic_path, atomic_write, version_dirs
 from translator.inference import Translator
 
 log = logging.getLogger("translator.export")
 
 SIGNATURES = ("serving_default", "translate")
-WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ExportError(ValueError):

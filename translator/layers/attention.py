@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from translator.layers.cells import dense
+from translator.layers.dense import dense
 
 
 def masked_softmax(scores, mask):

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from translator import corpora
 from translator import data as data_lib
 from translator.config import Config
 from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -82,8 +83,8 @@ def _check_shared(path: Path, train_missing: bool) -> None:
 def load_training_pairs(config: Config):
     """The (English, French) training pairs of the mixture of `data.corpora`."""
     d = config.data
-    corpora = [(c.name, c.weight) for c in d.corpora]
-    return data_lib.load_mixture(corpora, "train", data_dir=d.data_dir, seed=config.training.seed)
+    mixture = [(c.name, c.weight) for c in d.corpora]
+    return corpora.load_mixture(mixture, "train", data_dir=d.data_dir, seed=config.training.seed)
 
 
 def batch_maker(config: Config, source_tokenizer, target_tokenizer):
@@ -111,7 +112,7 @@ def batch_maker(config: Config, source_tokenizer, target_tokenizer):
 
 def load_validation(config: Config) -> tuple[list[str], list[list[str]]]:
     """`(sources, reference lists)` of the validation split, cut to `data.validation_size`."""
-    validation = data_lib.load_references(
+    validation = corpora.load_references(
         config.data.validation_corpus,
         config.data.validation_split,
         data_dir=config.data.data_dir,
