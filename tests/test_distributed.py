@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import tiny_overrides, write_corpus
 
+from tests.tiny import tiny_overrides, write_corpus
 from translator import checkpoint as ckpt
 
 TIMEOUT = 300  # seconds per run; a tiny run takes well under a minute
@@ -259,3 +259,33 @@ def test_killed_worker_restarted_with_the_same_tf_config_resumes(corpus, two_wor
     assert "ckpt-00000040 is newer" in log.read_text()
     assert len(history(stale)) == steps + 2  # two more chunks of 10 steps after step 40
     assert not (stale / "backup").exists()
+
+
+def test_each_worker_reads_its_own_share_of_the_pairs():
+    import tensorflow as tf
+
+    from translator.training.distribution import distributed_batches
+
+    pairs = [(f"english {i}", f"french {i}") for i in range(11)]
+
+    def training_batches(share):
+        # One "batch" per pair, in order: what a worker reads is visible as its batches.
+        return tf.data.Dataset.from_tensor_slices([english for english, _ in share])
+
+    class TwoWorkers:
+        """A strategy of 2 workers with 2 replicas each: the input contexts TF gives them."""
+
+        def distribute_datasets_from_function(self, dataset_fn):
+            contexts = [tf.distribute.InputContext(2, worker, 4) for worker in (0, 1)]
+            return [dataset_fn(context) for context in contexts]
+
+    def read(step):
+        datasets = distributed_batches(TwoWorkers(), training_batches, pairs, step)
+        return [[b.decode() for b in d.as_numpy_iterator()] for d in datasets]
+
+    first, second = read(step=0)
+    assert not set(first) & set(second)  # no pair read twice in an epoch
+    assert sorted(first + second) == sorted(english for english, _ in pairs)  # none left out
+    assert abs(len(first) - len(second)) <= 1
+    # Resuming after 2 steps skips 2 batches for each of a worker's 2 replicas.
+    assert read(step=2) == [first[4:], second[4:]]

@@ -27,7 +27,13 @@ def test_export_layout(tiny_export_dir):
     assert names == ["1", "config.yaml", "model.keras", "spm.model"]  # no temporary leftovers
     version = tiny_export_dir / "1"
     assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
-    assert oct(version.stat().st_mode & 0o055) != "0o0"  # readable by a server's user
+    # Readable by a server run as another user (the "other" bits, under the usual umask 022):
+    # the SavedModel directory is written under a private temporary name first.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [version, *version.rglob("*"), *(tiny_export_dir / n for n in names[1:])]:
+        wanted = (0o555 if path.is_dir() else 0o444) & ~umask
+        assert path.stat().st_mode & wanted == wanted, (path, oct(path.stat().st_mode))
 
 
 def test_savedmodel_in_a_fresh_process_equals_translator_load(tiny_export_dir):
@@ -275,3 +281,151 @@ def test_clear_errors_for_missing_corrupt_and_foreign_models(tiny_export_dir, tm
         load_saved_model(foreign)
     loaded, path = load_saved_model(tiny_export_dir)
     assert path.name == "1" and "translate" in loaded.signatures
+
+
+def test_the_tiny_runs_translate_with_trained_non_zero_biases(tiny_run_dir, tiny_separate_run_dir):
+    """The fixtures the parity tests rely on: models that produce words (a model that ends every
+    sentence at once makes every comparison one of "" with ""), and whose biases are not zero
+    (a zero bias hides a step that forgets to add it)."""
+    from tests.tiny import WORDS
+    from translator.inference import load
+
+    for run_dir in (tiny_run_dir, tiny_separate_run_dir):
+        translator = load(run_dir)
+        biases = [v for v in translator.model.weights if "bias" in v.path]
+        assert any("projection" in v.path for v in biases)
+        for v in biases:
+            assert np.count_nonzero(np.asarray(v)) == np.size(v), v.path
+        for result in translator.translate(["one red cat", "big house", "five blue cars"]):
+            assert result.text and set(result.text.split()) <= set(WORDS.values()), result.text
+
+
+def translate_signature(version, texts, beam_size, length_penalty, n_best=1):
+    """The `translate` signature of SavedModel `version`, loaded in this process, as NumPy."""
+    import tensorflow as tf
+
+    out = tf.saved_model.load(str(version)).signatures["translate"](
+        text=tf.constant(texts),
+        beam_size=tf.constant(beam_size),
+        n_best=tf.constant(n_best),
+        length_penalty=tf.constant(length_penalty, tf.float32),
+    )
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def strings(values):
+    return [v.decode("utf-8") for v in values if v]
+
+
+def test_beam_size_1_is_greedy_through_translator_and_savedmodel(tiny_export_dir):
+    """beam_size 1 takes the greedy branch: the same ids, text and score as greedy decoding
+    written out by hand over the model's decode_step (with the sentencepiece package's
+    tokenizers), through `Translator` and through the SavedModel."""
+    from tests.tiny import reference_greedy, sentencepieces
+    from translator.inference import load
+
+    translator = load(tiny_export_dir)
+    source_sp, target_sp = sentencepieces(tiny_export_dir)
+    results = translator.translate(TEXTS, beam_size=1, length_penalty=0.6, return_alignment=True)
+    assert any(r.text for r in results)
+    for text, result in zip(TEXTS, results, strict=True):
+        expected, score, pieces = reference_greedy(translator, source_sp, target_sp, text, 0.6)
+        assert result.text == expected
+        assert result.target_tokens == pieces
+        np.testing.assert_allclose(result.score, score, rtol=1e-5, atol=1e-5)
+    served = translate_signature(tiny_export_dir / "1", TEXTS, 1, 0.6)
+    assert [t.decode() for t in served["translations"][:, 0]] == [r.text for r in results]
+    np.testing.assert_allclose(served["scores"][:, 0], [r.score for r in results], atol=1e-5)
+    for row, result in enumerate(results):
+        assert strings(served["target_tokens"][row, 0]) == result.target_tokens
+
+
+def test_separate_vocabularies_run_end_to_end(tiny_separate_run_dir, tiny_separate_export_dir):
+    """A run with one SentencePiece model per language: `load()` of the run and of its export,
+    and the SavedModel, read English with the English model and write French with the French
+    one (the two vocabularies differ in size and pieces, so a swap anywhere shows)."""
+    from tests.tiny import WORDS, reference_greedy, sentencepieces
+    from translator.inference import load
+
+    source_sp, target_sp = sentencepieces(tiny_separate_export_dir)
+    assert not (tiny_separate_export_dir / "spm.model").exists()
+    assert source_sp.vocab_size() != target_sp.vocab_size()
+    source_vocab = {source_sp.id_to_piece(i) for i in range(source_sp.vocab_size())}
+    target_vocab = {target_sp.id_to_piece(i) for i in range(target_sp.vocab_size())}
+    french_only = target_vocab - source_vocab
+    assert {f"\u2581{w}" for w in WORDS.values()} <= french_only
+    texts = ["one red cat", "big house", "five blue cars", "two small dogs and a green tree"]
+    found = []
+    for directory in (tiny_separate_run_dir, tiny_separate_export_dir):
+        translator = load(directory)
+        assert translator.model.source_vocab_size == source_sp.vocab_size()
+        assert translator.model.target_vocab_size == target_sp.vocab_size()
+        results = translator.translate(
+            texts, beam_size=2, length_penalty=0.6, return_alignment=True
+        )
+        for text, result in zip(texts, results, strict=True):
+            assert result.source_tokens == [*source_sp.encode_as_pieces(text), "</s>"]
+            assert set(result.target_tokens) <= target_vocab and result.target_tokens[-1] == "</s>"
+            assert target_sp.decode_pieces(result.target_tokens[:-1]) == result.text
+        assert set().union(*(r.target_tokens for r in results)) & french_only  # French words
+        greedy = translator.translate(texts, beam_size=1, length_penalty=0.6)
+        for text, result in zip(texts, greedy, strict=True):
+            expected, score, _ = reference_greedy(translator, source_sp, target_sp, text, 0.6)
+            assert result.text == expected
+            np.testing.assert_allclose(result.score, score, rtol=1e-5, atol=1e-5)
+        found.append((results, greedy))
+    (run, run_greedy), (exported, exported_greedy) = found
+    assert [r.text for r in run] == [r.text for r in exported]
+    assert [r.text for r in run_greedy] == [r.text for r in exported_greedy]
+    for beam_size, results in ((2, exported), (1, exported_greedy)):
+        served = translate_signature(tiny_separate_export_dir / "1", texts, beam_size, 0.6)
+        assert [t.decode() for t in served["translations"][:, 0]] == [r.text for r in results]
+        np.testing.assert_allclose(served["scores"][:, 0], [r.score for r in results], atol=1e-5)
+        if beam_size == 2:
+            for row, result in enumerate(results):
+                assert strings(served["source_tokens"][row]) == result.source_tokens
+                assert strings(served["target_tokens"][row, 0]) == result.target_tokens
+
+
+def test_export_holds_the_runs_weights_rounded_to_float16(tiny_run_dir, tiny_export_dir):
+    """The float16 export against the run it came from: every weight of its `.keras` model and
+    of its SavedModel is the run's weight rounded to float16 (exactly), and the logits differ
+    by no more than that rounding can explain."""
+    import keras
+    import tensorflow as tf
+
+    import translator  # noqa: F401 - registers the custom objects
+
+    run = keras.saving.load_model(tiny_run_dir / "model.keras")
+    exported = keras.saving.load_model(tiny_export_dir / "model.keras")
+    # (Layer names carry per-process counters: the weights are matched by their order.)
+    rounded = []
+    changed = 0
+    floats = [
+        (v, w)
+        for v, w in zip(run.variables, exported.variables, strict=True)
+        if v.dtype == "float32"  # not the int seed-generator states
+    ]
+    for v, w in floats:
+        assert v.shape == w.shape and w.dtype == "float32", (v.path, w.path)
+        expected = np.asarray(v).astype(np.float16)
+        rounded.append(expected)
+        np.testing.assert_array_equal(np.asarray(w), expected.astype(np.float32), err_msg=v.path)
+        changed += not np.array_equal(np.asarray(w), np.asarray(v))
+    assert changed  # the run's float32 weights do need rounding
+    saved = tf.saved_model.load(str(tiny_export_dir / "1"))
+    assert len(saved.stored_weights) == len(rounded)
+    for stored, expected in zip(saved.stored_weights, rounded, strict=True):
+        assert stored.dtype == tf.float16
+        np.testing.assert_array_equal(stored.numpy(), expected, err_msg=stored.name)
+    # The logits: float16 keeps 11 significant bits (unit roundoff 2**-11); a handful of
+    # roundings of the largest logit bounds what the weight rounding moves them.
+    rng = np.random.default_rng(0)
+    inputs = {
+        "source_ids": rng.integers(4, run.source_vocab_size, (3, 7)).astype("int32"),
+        "target_in_ids": rng.integers(4, run.target_vocab_size, (3, 5)).astype("int32"),
+    }
+    reference = np.asarray(run(inputs))
+    logits = np.asarray(exported(inputs))
+    np.testing.assert_allclose(logits, reference, atol=16 * 2.0**-11 * np.abs(reference).max())
+    assert not np.array_equal(logits, reference)

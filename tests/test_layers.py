@@ -372,8 +372,14 @@ def test_bahdanau_matches_its_formula():
     query = RNG.normal(size=(2, 3)).astype("float32")
     memory = RNG.normal(size=(2, 4, 6)).astype("float32")
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    attention.build(query.shape, memory.shape)
+    # Random values everywhere: the bias starts at zero, and a zero bias hides a score that
+    # forgets it.
+    for w in attention.weights:
+        w.assign(RNG.normal(size=w.shape).astype("float32"))
     context, weights = attention(query, memory, mask=mask)
     wq, wk, b, v = (np.asarray(w) for w in attention.weights)
+    assert np.all(b != 0)
     scores = np.tanh(query[:, None] @ wq + memory @ wk + b) @ v  # (2, 1, 4) @ ... -> (2, 4)
     scores = np.where(mask, scores.reshape(2, 4), -np.inf)
     expected = np.exp(scores - scores.max(-1, keepdims=True))
@@ -387,3 +393,32 @@ def test_luong_dot_rejects_mismatched_widths():
         layers.LuongAttention(4, score="dot")(
             np.ones((1, 4), "float32"), np.ones((1, 2, 3), "float32")
         )
+
+
+@pytest.mark.parametrize("cell_class", [layers.LSTMCell, layers.GRUCell])
+def test_dropout_masks_are_fixed_per_sequence_and_drawn_anew_per_call(cell_class):
+    """Variational dropout (Gal and Ghahramani, 2016): under keras.layers.RNN one input mask
+    and one recurrent mask serve every step of a sequence, and the next call draws new ones."""
+    cell = cell_class(6, dropout=0.5, recurrent_dropout=0.5, seed=3)
+    seen = []
+    masks = cell._masks
+
+    def spy(inputs, h_tm1, training):
+        dp, rec = masks(inputs, h_tm1, training)
+        seen.append((np.asarray(dp), np.asarray(rec)))
+        return dp, rec
+
+    cell._masks = spy
+    rnn = keras.layers.RNN(cell, unroll=True)  # a Python loop: each step's masks are concrete
+    x = np.ones((4, 5, 8), "float32")
+    rnn(x, training=True)
+    first, seen[:] = list(seen), []
+    assert len(first) == 5
+    for dp, rec in first[1:]:
+        np.testing.assert_array_equal(dp, first[0][0])
+        np.testing.assert_array_equal(rec, first[0][1])
+    for mask in first[0]:
+        assert set(np.unique(mask)) == {0.0, 2.0}  # inverted dropout at rate 0.5
+    rnn(x, training=True)
+    assert not np.array_equal(seen[0][0], first[0][0])
+    assert not np.array_equal(seen[0][1], first[0][1])

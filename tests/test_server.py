@@ -28,8 +28,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from tfserving_stub import TFServingStub
 
+from tests.tfserving_stub import TFServingStub
 from translator.server import (
     ApiError,
     Backend,
@@ -956,3 +956,75 @@ def test_readme_curl_examples_are_accepted_by_our_endpoints(backend, tiny_export
         for method, path, body in requests:
             response = client.request(method, path, json=body)
             assert response.status_code == 200, (path, body, response.text)
+
+
+# -- separate vocabularies and greedy decoding, end to end -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def separate_client(tiny_separate_export_dir):
+    """The REST API over the export of a run with one SentencePiece model per language."""
+    backend = SavedModelBackend(tiny_separate_export_dir, "separate")
+    backend.load()
+    settings = ServerSettings(model=str(tiny_separate_export_dir))
+    with TestClient(create_app(backend, settings)) as client:
+        yield client
+
+
+def test_separate_vocabularies_alignment_tokens_come_from_their_own_vocabulary(
+    separate_client, tiny_separate_export_dir
+):
+    """Source tokens are the English model's pieces of the text, target tokens the French
+    model's pieces of the translation, and both equal what `translator.load` returns."""
+    from tests.tiny import sentencepieces
+    from translator.inference import load
+
+    source_sp, target_sp = sentencepieces(tiny_separate_export_dir)
+    source_vocab = {source_sp.id_to_piece(i) for i in range(source_sp.vocab_size())}
+    target_vocab = {target_sp.id_to_piece(i) for i in range(target_sp.vocab_size())}
+    texts = ["one red cat", "big house", "five blue cars"]
+    body = {"texts": texts, "beam_size": 2, "return_alignment": True}
+    response = separate_client.post("/v1/translate", json=body)
+    assert response.status_code == 200, response.text
+    expected = load(tiny_separate_export_dir).translate(texts, beam_size=2, return_alignment=True)
+    french = set()
+    for text, got, want in zip(texts, response.json()["translations"], expected, strict=True):
+        a = got["alignment"]
+        assert a["source_tokens"] == [*source_sp.encode_as_pieces(text), "</s>"]
+        assert set(a["target_tokens"]) <= target_vocab
+        assert target_sp.decode_pieces(a["target_tokens"][:-1]) == got["text"]
+        french |= set(a["target_tokens"]) - source_vocab
+        assert (got["text"], a["source_tokens"], a["target_tokens"]) == (
+            want.text,
+            want.source_tokens,
+            want.target_tokens,
+        )
+        assert got["score"] == pytest.approx(want.score, abs=1e-4)
+        np.testing.assert_allclose(a["weights"], want.alignment, atol=1e-4)
+    assert french  # French pieces, which the English vocabulary does not have
+
+
+@pytest.mark.parametrize("which", ["joint", "separate"])
+def test_beam_size_1_over_rest_is_greedy_decoding(
+    which, client, separate_client, tiny_export_dir, tiny_separate_export_dir
+):
+    """`beam_size: 1` gives greedy decoding written out by hand over the model's decode_step."""
+    from tests.tiny import reference_greedy, sentencepieces
+    from translator.inference import load
+
+    api, directory = {
+        "joint": (client, tiny_export_dir),
+        "separate": (separate_client, tiny_separate_export_dir),
+    }[which]
+    translator = load(directory)
+    source_sp, target_sp = sentencepieces(directory)
+    body = {"texts": TEXTS, "beam_size": 1, "length_penalty": 0.6, "return_alignment": True}
+    response = api.post("/v1/translate", json=body)
+    assert response.status_code == 200, response.text
+    got = response.json()["translations"]
+    assert any(t["text"] for t in got)
+    for text, t in zip(TEXTS, got, strict=True):
+        expected, score, pieces = reference_greedy(translator, source_sp, target_sp, text, 0.6)
+        assert t["text"] == expected
+        assert t["alignment"]["target_tokens"] == pieces
+        assert t["score"] == pytest.approx(score, abs=1e-4)

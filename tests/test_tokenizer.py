@@ -204,6 +204,9 @@ def test_training_samples_with_the_seed(tmp_path):
     a = train_sentencepiece(TEXTS, tmp_path / "a.model", seed=1, **kwargs)
     b = train_sentencepiece(TEXTS, tmp_path / "b.model", seed=1, **kwargs)
     assert open(a, "rb").read() == open(b, "rb").read()
+    # Another seed samples other sentences: another model (so the seed is really used).
+    c = train_sentencepiece(TEXTS, tmp_path / "c.model", seed=2, **kwargs)
+    assert open(a, "rb").read() != open(c, "rb").read()
 
 
 def test_training_overwrites_atomically(tmp_path):

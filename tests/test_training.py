@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import tiny_overrides, write_corpus
 
+from tests.tiny import tiny_overrides, write_corpus
 from translator import checkpoint as ckpt
 from translator.config import load_config
 
@@ -416,3 +416,168 @@ def test_train_leaves_the_global_dtype_policy_as_it_found_it(corpus, tmp_path):
     assert keras.config.dtype_policy().name == before
     model = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=False)
     assert model.dtype_policy.name == "float32"  # saved as a float32 model all the same
+
+
+# -- the best checkpoint, early stopping and pruning, on a scripted validation BLEU ----------
+
+SCRIPTED_BLEU = [10.0, 30.0, 20.0, 15.0, 12.0, 11.0, 10.0, 9.0]
+
+
+@pytest.fixture(scope="module")
+def scripted_run(corpus, tmp_path_factory):
+    """A run whose validation BLEU goes up then down, as scripted: best at step 20."""
+    from translator.training import train
+    from translator.training.callback import TrainingMonitor
+
+    scores = iter(SCRIPTED_BLEU)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainingMonitor, "validate", lambda self: next(scores))
+        patch.setenv("TRANSLATOR_QUIET", "1")
+        settings = {
+            "training.max_steps": "200",
+            "training.steps_per_checkpoint": "10",
+            "training.early_stopping_patience": "3",
+            "training.keep_checkpoints": "1",
+        }
+        config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+        run_dir = tmp_path_factory.mktemp("scripted") / "run"
+        summary = train(config, run_dir)
+    return run_dir, summary
+
+
+def test_early_stopping_after_patience_validations_without_gain(scripted_run):
+    run_dir, summary = scripted_run
+    # 10, 30 (best), then 20, 15, 12: three validations without gain stop the run at step 50.
+    assert summary["steps"] == 50
+    assert [h["val_bleu"] for h in history(run_dir)] == SCRIPTED_BLEU[:5]
+    assert summary["best_val_bleu"] == 30.0 and summary["best_step"] == 20
+    state = json.loads((run_dir / "checkpoints" / "ckpt-00000050" / "state.json").read_text())
+    assert state["stale"] == 3 and state["best_step"] == 20
+
+
+def test_model_keras_holds_the_best_checkpoint_which_survives_pruning(scripted_run):
+    import keras
+
+    run_dir, _ = scripted_run
+    # keep_checkpoints=1 keeps the newest, and the best besides it.
+    paths = ckpt.list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in paths] == ["ckpt-00000020", "ckpt-00000050"]
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    saved = model.get_weights()
+    model.load_weights(run_dir / "checkpoints" / "ckpt-00000020" / "model.weights.h5")
+    best = model.get_weights()
+    model.load_weights(run_dir / "checkpoints" / "ckpt-00000050" / "model.weights.h5")
+    last = model.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(best, last, strict=True))
+    for got, expected in zip(saved, best, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+# -- the loss against NumPy ------------------------------------------------------------------
+
+
+def numpy_masked_cross_entropy(labels, logits, eps, pad_id=0):
+    """Label-smoothed cross-entropy per real token, in float64: the smoothed target puts
+    1 - eps + eps/V on the label and eps/V on every other piece (as Keras' label_smoothing)."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))  # (B, T, V)
+    vocab = logits.shape[-1]
+    target = np.full(log_p.shape, eps / vocab)
+    np.put_along_axis(target, labels[..., None], 1 - eps + eps / vocab, axis=-1)
+    per_token = -(target * log_p).sum(-1)  # (B, T)
+    mask = labels != pad_id
+    return per_token[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_masked_cross_entropy_is_the_mean_over_real_tokens(eps):
+    import keras
+    import tensorflow as tf
+
+    from translator.training import MaskedCrossEntropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(3, 6, 11)).astype(np.float32)
+    labels = rng.integers(1, 11, size=(3, 6))
+    labels[0, 4:] = 0  # 4 real tokens, then PAD
+    labels[1, 1:] = 0  # 1 real token
+    # the third sequence has 6 real tokens: 11 in all, out of 18 positions
+    got = float(MaskedCrossEntropy(label_smoothing=eps)(tf.constant(labels), tf.constant(logits)))
+    expected = numpy_masked_cross_entropy(labels, logits, eps)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # Keras' own smoothed cross-entropy, summed over the real tokens, divided by their count.
+    keras_loss = keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=eps, reduction="sum"
+    )
+    mask = (labels != 0).astype(np.float32)
+    total = keras_loss(np.eye(11)[labels], logits, sample_weight=mask)
+    np.testing.assert_allclose(got, float(total) / mask.sum(), rtol=1e-5)
+    # PAD logits do not matter; PAD labels would.
+    changed = logits.copy()
+    changed[labels == 0] += rng.normal(0, 5, size=changed[labels == 0].shape)
+    again = MaskedCrossEntropy(label_smoothing=eps)(tf.constant(labels), tf.constant(changed))
+    np.testing.assert_allclose(float(again), got, rtol=1e-6)
+
+
+# -- checkpoint atomicity --------------------------------------------------------------------
+
+
+class Crash(Exception):
+    """The process dying at this point."""
+
+
+class Module:
+    """A stand-in for a module imported by the code under test, with some names replaced."""
+
+    def __init__(self, module, **replaced):
+        self.module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+@pytest.mark.parametrize("crash_in", ["write", "rename"])
+def test_a_crash_while_checkpointing_leaves_no_checkpoint(crash_in, tmp_path, monkeypatch):
+    import shutil
+
+    import keras
+
+    from translator import files
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    directory = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(directory, 10, model, optimizer, {"history": []})
+    saved = model.get_weights()
+
+    def crash(*args, **kwargs):
+        raise Crash(f"killed in the {crash_in}")
+
+    # The process dies writing the optimizer state (after the weights), or in the rename that
+    # ends the write: nothing after it runs, so nothing is cleaned up.
+    if crash_in == "write":
+        monkeypatch.setattr(ckpt, "np", Module(np, savez=crash))
+    else:
+        monkeypatch.setattr(files, "os", Module(os, replace=crash))
+    monkeypatch.setattr(files, "shutil", Module(shutil, rmtree=lambda *a, **k: None))
+    model.set_weights([w + 1 for w in saved])
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(directory, 20, model, optimizer, {"history": []})
+    monkeypatch.undo()
+
+    assert not (directory / "ckpt-00000020").exists()
+    leftovers = [p for p in directory.iterdir() if p.name != "ckpt-00000010"]
+    assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")
+    # After the rename's crash the leftover is complete, but under its temporary name.
+    assert (leftovers[0] / "manifest.json").is_file() == (crash_in == "rename")
+    assert ckpt.list_checkpoints(directory) == [directory / "ckpt-00000010"]
+    path, state = ckpt.restore_latest(directory, model, optimizer)
+    assert path == directory / "ckpt-00000010" and state["step"] == 10
+    for got, expected in zip(model.get_weights(), saved, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    # The next checkpoint cleans the leftover up.
+    ckpt.save_checkpoint(directory, 20, model, optimizer, {"history": []})
+    assert sorted(p.name for p in directory.iterdir()) == ["ckpt-00000010", "ckpt-00000020"]

@@ -66,10 +66,11 @@ def cmd_evaluate(args) -> int:
     from translator.evaluation import evaluate, load_test_set, write_hypotheses
     from translator.inference import load
 
-    translator = load(args.model, **decoding_overrides(args))
+    # The test set first: a missing or misaligned file fails before the model loads.
     sources, references, label = load_test_set(
         args.corpus, args.split, args.data_dir, args.source, args.reference
     )
+    translator = load(args.model, **decoding_overrides(args))
     beam = args.beam_size if args.beam_size is not None else translator.beam_size
     result = evaluate(translator, sources, references, args.beam_size, args.length_penalty)
     output = args.output or os.path.join(

@@ -1,5 +1,6 @@
 """SentencePiece subwords: the special ids, deterministic training, and an in-graph Keras layer."""
 
+import hashlib
 import io
 import os
 import random
@@ -253,8 +254,14 @@ class SentencePieceTokenizer(keras.layers.Layer):
         self._proto = proto
         self._vocabulary = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
         # Built from the bytes (not a path): the model becomes an attribute of the op that
-        # creates the TF resource, hence part of every exported graph.
-        self._sentencepiece = tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32)
+        # creates the TF resource, hence part of every exported graph. The op's resource is
+        # shared by node name, and a reloaded SavedModel creates every tokenizer's under the
+        # same default name: without a name of its own per model, the source and target
+        # tokenizers of separate vocabularies became one (the first created) after export.
+        name = f"sentencepiece_{hashlib.sha256(proto).hexdigest()[:16]}"
+        self._sentencepiece = tf_text.SentencepieceTokenizer(
+            model=proto, out_type=tf.int32, name=name
+        )
 
     def _check_proto(self):
         if self._proto is None:

@@ -1,0 +1,219 @@
+"""BLEU and chrF against direct sacreBLEU calls, test sets from files and Tatoeba, `translator evaluate`."""
+
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import sacrebleu
+
+from tests.tiny import WORDS
+from translator.corpora import tatoeba_split
+from translator.evaluation import evaluate, load_test_set, write_hypotheses
+from translator.scoring import bleu_chrf
+
+# Tatoeba-style: several references for some sentences, a different number for each.
+HYPOTHESES = [
+    "the cat sat on the mat today",
+    "a small dog runs in the big green park",
+    "he reads a long book every evening",
+    "we will meet at the station at noon",
+]
+REFERENCES = [
+    ["the cat sat on the mat"],
+    ["a little dog runs in the big park", "a small dog is running in the green park",
+     "the small dog runs through a big green park"],
+    ["he reads a long book each evening", "every evening he reads a big book"],
+    ["we meet at the station at twelve"],
+]  # fmt: skip
+# The same references as sacreBLEU's streams, transposed by hand: stream k holds each
+# sentence's k-th reference, "" where a sentence has fewer (sacreBLEU's convention).
+STREAMS = [
+    ["the cat sat on the mat", "a little dog runs in the big park",
+     "he reads a long book each evening", "we meet at the station at twelve"],
+    ["", "a small dog is running in the green park", "every evening he reads a big book", ""],
+    ["", "the small dog runs through a big green park", "", ""],
+]  # fmt: skip
+
+
+def test_multi_reference_scores_match_sacrebleu_with_transposed_streams():
+    bleu, chrf, bleu_signature, chrf_signature = bleu_chrf(HYPOTHESES, REFERENCES)
+    expected_bleu = sacrebleu.corpus_bleu(HYPOTHESES, STREAMS)
+    expected_chrf = sacrebleu.corpus_chrf(HYPOTHESES, STREAMS)
+    assert bleu.score == pytest.approx(expected_bleu.score, abs=1e-9)
+    assert chrf.score == pytest.approx(expected_chrf.score, abs=1e-9)
+    assert bleu.counts == expected_bleu.counts and bleu.ref_len == expected_bleu.ref_len
+    assert 5 < bleu.score < 95 and 5 < chrf.score < 95  # neither stuck at 0 nor at 100
+    # The extra references count: the first reference alone scores lower.
+    single = sacrebleu.corpus_bleu(HYPOTHESES, STREAMS[:1]).score
+    assert bleu.score > single + 1
+    assert "nrefs:var" in str(bleu_signature) and "nrefs:var" in str(chrf_signature)
+
+
+def test_a_hypothesis_matching_any_of_its_references_scores_100():
+    # Each hypothesis is its sentence's *last* reference (the 3rd, 2nd or only one).
+    last = [refs[-1] for refs in REFERENCES]
+    bleu, chrf, _, _ = bleu_chrf(last, REFERENCES)
+    assert bleu.score == pytest.approx(100.0) and chrf.score == pytest.approx(100.0)
+    bleu, _, _, _ = bleu_chrf(["something else entirely here"] * 4, REFERENCES)
+    assert bleu.score < 5
+
+
+class TableTranslator:
+    """A stand-in for `Translator`: translates through a table, recording its calls."""
+
+    batch_size = 1  # evaluate() translates chunks of 4 * batch_size
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = []
+
+    def translate(self, texts, beam_size=None, length_penalty=None):
+        self.calls.append((list(texts), beam_size, length_penalty))
+        return [SimpleNamespace(text=self.table[t]) for t in texts]
+
+
+def test_evaluate_translates_in_order_and_scores_like_sacrebleu():
+    sources = [f"source {i}" for i in range(10)]
+    perfect = TableTranslator({s: REFERENCES[i % 4][-1] for i, s in enumerate(sources)})
+    references = [REFERENCES[i % 4] for i in range(10)]
+    result = evaluate(perfect, sources, references, beam_size=3, length_penalty=0.5, progress=False)
+    assert result["bleu"] == 100.0 and result["chrf"] == 100.0
+    assert result["hypotheses"] == [REFERENCES[i % 4][-1] for i in range(10)]
+    assert [len(c[0]) for c in perfect.calls] == [4, 4, 2]  # chunks, in order
+    assert all(c[1:] == (3, 0.5) for c in perfect.calls)
+
+    partial = TableTranslator({s: HYPOTHESES[i % 4] for i, s in enumerate(sources)})
+    result = evaluate(partial, sources, references, progress=False)
+    streams = [[STREAMS[k][i % 4] for i in range(10)] for k in range(3)]
+    hypotheses = [HYPOTHESES[i % 4] for i in range(10)]
+    assert result["bleu"] == round(sacrebleu.corpus_bleu(hypotheses, streams).score, 2)
+    assert result["chrf"] == round(sacrebleu.corpus_chrf(hypotheses, streams).score, 2)
+    assert result["sentences"] == 10 and 0 < result["bleu"] < 100
+
+
+def test_load_test_set_groups_tatoeba_translations_as_references(tmp_path):
+    # A Tatoeba export (English<TAB>French<TAB>attribution) with 1 to 3 translations per
+    # sentence; which sentences are in "test" is decided by a hash of the English.
+    english = [f"sentence number {i} is here" for i in range(600)]
+    test = [e for e in english if tatoeba_split(e) == "test"][:6]
+    assert len(test) == 6
+    lines, expected = [], []
+    for i, sentence in enumerate(english):
+        french = [f"la phrase {i} est ici", f"voici la phrase {i}", f"phrase {i} ici"]
+        french = french[: 1 + i % 3]
+        lines += [f"{sentence}\t{f}\tCC-BY 2.0 (France) Attribution" for f in french]
+        if sentence in test:
+            expected.append((sentence, french))
+    (tmp_path / "tatoeba").mkdir()
+    (tmp_path / "tatoeba" / "fra-eng.tsv").write_text("\n".join(lines) + "\n")
+    sources, references, label = load_test_set("tatoeba", "test", data_dir=str(tmp_path))
+    assert label == "tatoeba.test"
+    got = list(zip(sources, references, strict=True))
+    assert got[:6] == expected
+    assert {len(r) for r in references} == {1, 2, 3}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return str(path)
+
+
+def test_load_test_set_from_files_and_its_errors(tmp_path):
+    source = write_lines(tmp_path / "test.en", ["a", "b", "c"])
+    first = write_lines(tmp_path / "ref1.fr", ["A", "B", "C"])
+    second = write_lines(tmp_path / "ref2.fr", ["a'", "b'", "c'"])
+    sources, references, label = load_test_set(source=source, references=[first, second])
+    assert sources == ["a", "b", "c"] and label == "test.en"
+    assert references == [["A", "a'"], ["B", "b'"], ["C", "c'"]]
+
+    short = write_lines(tmp_path / "short.fr", ["A", "B"])
+    with pytest.raises(ValueError) as error:
+        load_test_set(source=source, references=[first, short])
+    assert f"{source} has 3 lines but {short} has 2" in str(error.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.fr"))):
+        load_test_set(source=source, references=[first, str(tmp_path / "nope.fr")])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.en"))):
+        load_test_set(source=str(tmp_path / "nope.en"), references=[first])
+    with pytest.raises(ValueError, match="--reference"):
+        load_test_set(source=source, references=[])
+
+
+def test_write_hypotheses_one_per_line(tmp_path):
+    write_hypotheses(tmp_path / "hyp.txt", ["un chat", "", "deux chiens"])
+    assert (tmp_path / "hyp.txt").read_text() == "un chat\n\ndeux chiens\n"
+    assert os.listdir(tmp_path) == ["hyp.txt"]
+
+
+def test_evaluate_cli_errors_name_the_files(tiny_run_dir, tmp_path, capsys):
+    from translator.cli import main
+
+    source = write_lines(tmp_path / "test.en", ["one red cat", "big house", "two dogs"])
+    good = write_lines(tmp_path / "good.fr", ["un chat rouge", "grand maison", "deux chiens"])
+    short = write_lines(tmp_path / "short.fr", ["un chat rouge", "grande maison"])
+    base = ["evaluate", "--model", str(tiny_run_dir), "--source", source]
+    assert main([*base, "--reference", good, "--reference", short]) == 2
+    err = capsys.readouterr().err
+    assert "translator evaluate: error:" in err
+    assert f"{source} has 3 lines but {short} has 2" in err
+    missing = str(tmp_path / "missing.fr")
+    assert main([*base, "--reference", missing, "--output", str(tmp_path / "h.txt")]) == 2
+    assert f"file {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "h.txt").exists()
+
+
+def test_evaluate_cli_prints_the_python_api_score_and_writes_hypotheses(
+    tmp_path, monkeypatch, capsys
+):
+    import translator.inference
+    from translator.cli import main
+
+    sources = [f"source {i}" for i in range(8)]
+    table = TableTranslator({s: HYPOTHESES[i % 4] for i, s in enumerate(sources)})
+    table.beam_size = 5
+    loaded = []
+    monkeypatch.setattr(translator.inference, "load", lambda *a, **k: loaded.append(a) or table)
+    source = write_lines(tmp_path / "test.en", sources)
+    references = [
+        write_lines(tmp_path / f"ref{k}.fr", [STREAMS[k][i % 4] for i in range(8)])
+        for k in range(3)
+    ]
+    output = tmp_path / "hyp.txt"
+    args = ["evaluate", "--model", "some/model", "--source", source, "--output", str(output)]
+    assert main([*args, *[a for r in references for a in ("--reference", r)]]) == 0
+    out = capsys.readouterr().out
+    hypotheses = [HYPOTHESES[i % 4] for i in range(8)]
+    streams = [[STREAMS[k][i % 4] for i in range(8)] for k in range(3)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
+    chrf = sacrebleu.corpus_chrf(hypotheses, streams).score
+    assert f"test.en, beam 5: BLEU {bleu:.2f}  chrF {chrf:.2f}" in out
+    assert 5 < bleu < 95
+    api = evaluate(table, *load_test_set(source=source, references=references)[:2])
+    assert f"BLEU {api['bleu']:.2f}  chrF {api['chrf']:.2f}" in out
+    assert output.read_text() == "".join(f"{h}\n" for h in hypotheses)
+    assert f"hypotheses: {output}" in out and loaded == [("some/model",)]
+
+
+def test_evaluate_cli_with_a_trained_run(tiny_run_dir, tmp_path):
+    from translator.inference import load
+
+    english = ["one red cat", "big house", "two small dogs", "three blue cars", "green tree"]
+    truth = [" ".join(WORDS[w.rstrip("s")] for w in e.split()) for e in english]
+    source = write_lines(tmp_path / "test.en", english)
+    reference = write_lines(tmp_path / "ref.fr", truth)
+    expected = evaluate(load(tiny_run_dir), english, [[t] for t in truth], progress=False)
+    output = tmp_path / "hyp.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "translator.cli", "evaluate", "--model", str(tiny_run_dir),
+         "--source", source, "--reference", reference, "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = re.search(r"test\.en, beam 2: BLEU ([\d.]+)  chrF ([\d.]+)", proc.stdout)
+    assert scores, proc.stdout
+    assert float(scores.group(1)) == expected["bleu"]
+    assert float(scores.group(2)) == expected["chrf"]
+    assert output.read_text() == "".join(f"{h}\n" for h in expected["hypotheses"])
