@@ -1028,3 +1028,39 @@ def test_beam_size_1_over_rest_is_greedy_decoding(
         assert t["text"] == expected
         assert t["alignment"]["target_tokens"] == pieces
         assert t["score"] == pytest.approx(score, abs=1e-4)
+
+
+def test_a_real_tensorflow_input_error_is_a_400_and_anything_else_a_500(backend, monkeypatch):
+    """Errors raised by TensorFlow itself, not by the request checks: the export's own assertion
+    (n_best > beam_size, which the checks would refuse first) answers 400 with its message; an
+    unexpected exception in the backend answers a JSON 500 that names only its type, and the
+    service keeps serving."""
+    import tensorflow as tf
+
+    settings = ServerSettings(model_name="tiny")
+    with pytest.raises(ModelInputError, match="n_best must not be larger than beam_size"):
+        backend.predict(
+            "translate", None, ["one red cat"], {"beam_size": 1, "n_best": 2, "length_penalty": 0.6}
+        )
+    predict = backend.predict
+
+    def unchecked(signature, version, texts, scalars):  # past the request checks
+        if signature == "translate":
+            scalars = {**scalars, "n_best": int(scalars["beam_size"]) + 1}
+        return predict(signature, version, texts, scalars)
+
+    monkeypatch.setattr(backend, "predict", unchecked)
+    with TestClient(create_app(backend, settings), raise_server_exceptions=False) as client:
+        response = client.post("/v1/translate", json={"text": "one red cat", "beam_size": 2})
+        assert response.status_code == 400, response.text
+        assert "n_best must not be larger than beam_size" in response.json()["error"]
+
+    def broken(signature, version, texts, scalars):
+        return {"translation": tf.constant([1.0]) / 0}["missing"]  # a KeyError from real code
+
+    monkeypatch.setattr(backend, "predict", broken)
+    with TestClient(create_app(backend, settings), raise_server_exceptions=False) as client:
+        response = client.post("/v1/translate", json={"text": "one red cat"})
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error: KeyError"}
+        assert client.get("/healthz").status_code == 200
