@@ -46,7 +46,7 @@ def test_keras_load_model_and_translator_from_model(expected):
     from translator.inference import Translator
 
     model = keras.saving.load_model(SHIPPED / "model.keras")
-    options = decoding_options(load_config(SHIPPED / "config.yaml"))
+    options = decoding_options(load_config(SHIPPED / "config.yaml").decoding)
     texts = [r.text for r in Translator.from_model(model, **options).translate(SENTENCES)]
     assert texts == expected
 

@@ -110,12 +110,6 @@ def _choices(name: str) -> list[str]:
     return field_choices(DecodingConfig, name)
 
 
-def _weight_dtypes() -> tuple[str, ...]:
-    from translator.config import WEIGHT_DTYPES
-
-    return WEIGHT_DTYPES
-
-
 def add_decoding_arguments(parser) -> None:
     """The decoding options of `translate` and `evaluate` that override the model's config."""
     parser.add_argument(
@@ -210,6 +204,8 @@ def _print_result(result, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from translator.config import WEIGHT_DTYPES
+
     parser = argparse.ArgumentParser(prog="translator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights-dtype",
         default="float32",
-        choices=_weight_dtypes(),
+        choices=WEIGHT_DTYPES,
         help="storage type of the weights (float16 halves the export; compute stays float32)",
     )
     p.add_argument(

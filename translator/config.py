@@ -299,9 +299,7 @@ def field_choices(section: type[BaseModel], name: str) -> list:
     return choices
 
 
-def decoding_options(config: Config | DecodingConfig | None = None) -> dict:
-    """`Translator` keyword arguments from a config or its decoding section (default: the
-    defaults of `DecodingConfig`)."""
-    if isinstance(config, Config):
-        config = config.decoding
-    return (config or DecodingConfig()).model_dump()
+def decoding_options(decoding: DecodingConfig | None = None) -> dict:
+    """`Translator` keyword arguments from a config's decoding section (default: the defaults
+    of `DecodingConfig`)."""
+    return (decoding or DecodingConfig()).model_dump()

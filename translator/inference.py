@@ -374,7 +374,7 @@ def load(path, **overrides) -> Translator:
     kwargs = {}
     if (path / "config.yaml").is_file():
         try:
-            kwargs = decoding_options(load_config(path / "config.yaml"))
+            kwargs = decoding_options(load_config(path / "config.yaml").decoding)
         except ConfigError as e:
             raise ValueError(f"{path / 'config.yaml'} is not a valid translator config: {e}") from e
     kwargs.update(overrides)

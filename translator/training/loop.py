@@ -181,7 +181,7 @@ def _train_in_precision(run: _Run, precision: str) -> dict:
         stream = dataset.skip(step).prefetch(tf.data.AUTOTUNE)
     translator = None
     if topology.chief:
-        translator = Translator(model, source_tok, target_tok, **decoding_options(config))
+        translator = Translator(model, source_tok, target_tok, **decoding_options(config.decoding))
     writer = tf.summary.create_file_writer(str(run.out_dir / "logs"))
     monitor = TrainingMonitor(
         run.out_dir, config, translator, validation, state, writer, agree=chief_decides
