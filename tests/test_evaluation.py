@@ -217,3 +217,80 @@ def test_evaluate_cli_with_a_trained_run(tiny_run_dir, tmp_path):
     assert float(scores.group(1)) == expected["bleu"]
     assert float(scores.group(2)) == expected["chrf"]
     assert output.read_text() == "".join(f"{h}\n" for h in expected["hypotheses"])
+
+
+def _files(directory):
+    """Every entry under `directory` with its bytes (None for a directory)."""
+    return {
+        str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def test_evaluate_cli_leaves_a_read_only_model_directory_alone(
+    tiny_run_dir, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    from translator.cli import main
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("model.keras", "config.yaml", "spm.model"):
+        shutil.copy2(tiny_run_dir / name, model_dir / name)
+    before = _files(model_dir)
+    english = ["one red cat", "big house", "two small dogs"]
+    source = write_lines(tmp_path / "test.en", english)
+    reference = write_lines(tmp_path / "ref.fr", ["un chat rouge", "grand maison", "deux chiens"])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    mode = model_dir.stat().st_mode
+    model_dir.chmod(0o555)  # read-only (except for root, hence the comparison below)
+    try:
+        for model in (model_dir, model_dir / "model.keras"):
+            args = ["evaluate", "--model", str(model), "--source", source, "--reference", reference]
+            assert main(args) == 0
+            out = capsys.readouterr().out
+            assert re.search(r"test\.en, beam 2: BLEU [\d.]+  chrF [\d.]+", out), out
+            # By default the hypotheses go to the current directory, named after the model,
+            # the test set and the beam.
+            default = "hyp.model.test.en.beam2.txt"
+            assert f"hypotheses: {default}" in out
+            assert len((work / default).read_text().splitlines()) == len(english)
+    finally:
+        model_dir.chmod(mode)
+    assert _files(model_dir) == before  # nothing written into the model directory
+
+
+def test_evaluate_cli_prints_the_score_before_saving_hypotheses(tmp_path, monkeypatch, capsys):
+    import translator.inference
+    from translator.cli import main
+
+    sources = [f"source {i}" for i in range(4)]
+    table = TableTranslator({s: HYPOTHESES[i] for i, s in enumerate(sources)})
+    table.beam_size = 5
+    monkeypatch.setattr(translator.inference, "load", lambda *a, **k: table)
+    source = write_lines(tmp_path / "test.en", sources)
+    reference = write_lines(tmp_path / "ref.fr", STREAMS[0])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    output = blocker / "hyp.txt"  # cannot be written, not even by root
+    args = ["evaluate", "--model", "m", "--source", source, "--reference", reference]
+    assert main([*args, "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    bleu = sacrebleu.corpus_bleu(HYPOTHESES, [STREAMS[0]]).score
+    assert f"test.en, beam 5: BLEU {bleu:.2f}" in captured.out  # the score is not lost
+    assert "translator evaluate: error:" in captured.err and str(output) in captured.err
+
+
+def test_default_hypotheses_file_is_one_file_named_after_model_and_test_set():
+    from translator.cli import default_hypotheses_path
+
+    assert default_hypotheses_path("saved_models/en-fr", "multi30k.test", 5) == (
+        "hyp.en-fr.multi30k.test.beam5.txt"
+    )
+    assert default_hypotheses_path("runs/x/model.keras", "test.en", 1) == "hyp.x.test.en.beam1.txt"
+    # A corpus label with a path in it still names one file in the current directory.
+    name = default_hypotheses_path("m", "tfds:wmt14_translate/fr-en.validation", 5)
+    assert name == "hyp.m.tfds_wmt14_translate_fr-en.validation.beam5.txt"

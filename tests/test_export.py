@@ -1,5 +1,6 @@
 """The TF Serving export and the `.keras` import, checked in fresh processes."""
 
+import errno
 import json
 import os
 import subprocess
@@ -61,8 +62,9 @@ print(json.dumps({{
     from translator.inference import load
 
     translator = load(tiny_export_dir)
+    # The export translates each text, as it is, as one sentence ("" too): segment=False.
     results = translator.translate(
-        TEXTS, beam_size=3, n_best=2, length_penalty=0.6, return_alignment=True
+        TEXTS, beam_size=3, n_best=2, length_penalty=0.6, return_alignment=True, segment=False
     )
     assert served["translations"] == [[t for t, _ in r.n_best] for r in results]
     np.testing.assert_allclose(
@@ -75,7 +77,7 @@ print(json.dumps({{
         t, s = result.alignment.shape
         np.testing.assert_allclose(alignment[:t, :s], result.alignment, atol=1e-5)
         assert not alignment[t:].any() and not alignment[:, s:].any()  # zero padding
-    defaults = translator.translate(TEXTS)  # the config's beam size and length penalty
+    defaults = translator.translate(TEXTS, segment=False)  # the config's beam and penalty
     assert served["default"] == [r.text for r in defaults]
     np.testing.assert_allclose(served["default_scores"], [r.score for r in defaults], rtol=1e-5)
 
@@ -156,7 +158,7 @@ def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, t
 
     loaded = tf.saved_model.load(str(half))
     out = loaded.signatures["serving_default"](text=tf.constant(TEXTS))
-    expected = load(tmp_path / "f16").translate(TEXTS)
+    expected = load(tmp_path / "f16").translate(TEXTS, segment=False)
     assert [t.decode() for t in out["translation"].numpy()] == [r.text for r in expected]
 
 
@@ -184,7 +186,7 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
     translator = load(tmp_path / "bf16")
     assert translator.projection_dtype == "bfloat16"
     out = translate_beam_3(version)
-    expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6)
+    expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
     np.testing.assert_allclose(
         out["scores"].numpy()[:, 0], [r.score for r in expected], rtol=1e-5, atol=1e-5
     )
@@ -219,12 +221,12 @@ def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path
     translator = load(tmp_path / "bf16")
     assert translator.model.decoder.compute_dtype == "bfloat16"
     out = translate_beam_3(version)
-    expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6)
+    expected = translator.translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
     assert [t.decode() for t in out["translations"].numpy()[:, 0]] == [r.text for r in expected]
     np.testing.assert_allclose(
         out["scores"].numpy()[:, 0], [r.score for r in expected], rtol=1e-5, atol=1e-5
     )
-    float32 = load(tiny_run_dir).translate(TEXTS, beam_size=3, length_penalty=0.6)
+    float32 = load(tiny_run_dir).translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
     assert [r.score for r in float32] != [r.score for r in expected]  # bfloat16 did run
     with pytest.raises(ExportError, match="compute_dtype must be float32, bfloat16 or auto"):
         export(tiny_run_dir, tmp_path / "bad", compute_dtype="float16")
@@ -326,7 +328,9 @@ def test_beam_size_1_is_greedy_through_translator_and_savedmodel(tiny_export_dir
 
     translator = load(tiny_export_dir)
     source_sp, target_sp = sentencepieces(tiny_export_dir)
-    results = translator.translate(TEXTS, beam_size=1, length_penalty=0.6, return_alignment=True)
+    results = translator.translate(
+        TEXTS, beam_size=1, length_penalty=0.6, return_alignment=True, segment=False
+    )
     assert any(r.text for r in results)
     for text, result in zip(TEXTS, results, strict=True):
         expected, score, pieces = reference_greedy(translator, source_sp, target_sp, text, 0.6)
@@ -429,3 +433,111 @@ def test_export_holds_the_runs_weights_rounded_to_float16(tiny_run_dir, tiny_exp
     logits = np.asarray(exported(inputs))
     np.testing.assert_allclose(logits, reference, atol=16 * 2.0**-11 * np.abs(reference).max())
     assert not np.array_equal(logits, reference)
+
+
+def _tree(directory):
+    """Every path under `directory` (hidden ones too) with its bytes (None for a directory)."""
+    return {
+        str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+class DiskFull:
+    """Replaces the functions that write, rename, link or flush files with wrappers that count
+    their calls and raise `OSError(ENOSPC)` at call number `fail_at` (0-based), once."""
+
+    def __init__(self, monkeypatch, fail_at, out_dir):
+        import shutil
+
+        import keras
+        import tensorflow as tf
+
+        self.calls, self.fail_at, self.out_dir = 0, fail_at, out_dir
+        self.failed_in, self.version_visible = None, None
+        targets = [
+            (os, "replace"), (os, "rename"), (os, "link"), (os, "fsync"),
+            (shutil, "copyfile"), (Path, "write_bytes"), (Path, "write_text"),
+            (keras.Model, "save"), (tf.saved_model, "save"),
+        ]  # fmt: skip
+        for owner, name in targets:
+            monkeypatch.setattr(owner, name, self.wrap(name, getattr(owner, name)))
+
+    def wrap(self, name, function):
+        def wrapper(*args, **kwargs):
+            call, self.calls = self.calls, self.calls + 1
+            if call == self.fail_at:
+                self.failed_in = name
+                self.version_visible = (self.out_dir / "2").exists()
+                raise OSError(errno.ENOSPC, f"No space left on device (injected in {name})")
+            return function(*args, **kwargs)
+
+        return wrapper
+
+
+def test_an_export_is_published_whole_or_not_at_all(tiny_run_dir, tiny_export_dir, tmp_path):
+    import shutil
+
+    import tensorflow as tf
+
+    from translator import inference
+    from translator.export import export
+
+    translator = inference.load(tiny_run_dir)
+
+    def write_saved_model(module, path, signatures=None):
+        # A stand-in for tf.saved_model.save (what is tested is what becomes visible when):
+        # it writes a few files through the functions DiskFull counts.
+        path = Path(path)
+        (path / "variables").mkdir(parents=True)
+        (path / "saved_model.pb").write_bytes(b"graph")
+        (path / "variables" / "variables.index").write_bytes(b"index")
+
+    outcomes, problems = [], []
+    for fail_at in range(1000):
+        out = tmp_path / f"out{fail_at}"
+        shutil.copytree(tiny_export_dir, out)  # an export holding version 1
+        before = _tree(out)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(inference, "load", lambda *a, **k: translator)
+            patch.setattr(tf.saved_model, "save", write_saved_model)
+            disk = DiskFull(patch, fail_at, out)
+            try:
+                export(tiny_run_dir, out, projection_dtype="bfloat16")
+                error = None
+            except OSError as e:
+                error = e
+        after = _tree(out)
+        if disk.failed_in is None:  # every step succeeded: the new set is in place
+            assert error is None and fail_at > 3
+            break
+        outcomes.append(disk.failed_in)
+        where = f"step {fail_at} ({disk.failed_in})"
+        if disk.version_visible:
+            # Only flushing the directory can fail once the version is there: too late to undo,
+            # and the new set is complete.
+            if error is not None or disk.failed_in != "fsync":
+                problems.append(f"{where}: after the version appeared: {error!r}")
+            if after.keys() - before.keys() != {"2", "2/saved_model.pb", "2/variables",
+                                                "2/variables/variables.index"}:  # fmt: skip
+                problems.append(f"{where}: published {sorted(after.keys() - before.keys())}")
+            continue
+        # The failure is reported, and nothing anyone can see changed: same files, same
+        # bytes, no temporary litter.
+        if error is None or error.errno != errno.ENOSPC:
+            problems.append(f"{where}: not reported ({error!r})")
+        if after != before:
+            changed = sorted(
+                k for k in after.keys() | before.keys() if after.get(k) != before.get(k)
+            )
+            problems.append(f"{where}: visible changes {changed}")
+    assert not problems, "\n".join(problems)
+    assert {"copyfile", "write_text", "save", "fsync", "link", "replace", "rename"} <= set(outcomes)
+    # The complete export: version 2, and the files beside it are the new ones.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "1", "2", "config.yaml", "model.keras", "spm.model"
+    ]  # fmt: skip
+    assert after["2/saved_model.pb"] == b"graph"
+    assert after["model.keras"] != before["model.keras"]
+    assert b"projection_dtype: bfloat16" in after["config.yaml"]
+    assert after["1/saved_model.pb"] == before["1/saved_model.pb"]

@@ -244,3 +244,71 @@ def test_without_model_raises_clear_error():
     layer = SentencePieceTokenizer()
     with pytest.raises(ValueError, match="no model yet"):
         layer.tokenize(["bonjour"])
+
+
+def _archive_naming_a_path(tokenizer, tmp_path, named):
+    """A `.keras` file of a model holding `tokenizer`, its config edited to name `named` as
+    the tokenizer's `model_path` (what a crafted archive can do)."""
+    import json
+    import zipfile
+
+    strings = keras.Input(shape=(), dtype="string")
+    layer = SentencePieceTokenizer(proto=tokenizer.proto, name="tokenizer")
+    honest = tmp_path / "honest.keras"
+    keras.Model(strings, layer(strings)).save(honest)
+    crafted = tmp_path / "crafted.keras"
+    edited = 0
+    with zipfile.ZipFile(honest) as source, zipfile.ZipFile(crafted, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                for entry in config["config"]["layers"]:
+                    if entry["class_name"] == "SentencePieceTokenizer":
+                        entry["config"]["model_path"] = str(named)
+                        edited += 1
+                data = json.dumps(config).encode()
+            target.writestr(item, data)
+    assert edited == 1
+    return crafted
+
+
+def test_keras_archive_never_reads_a_model_path_from_its_config(tokenizer, tmp_path):
+    # A regular file outside the archive, which is no SentencePiece model: reading it, the
+    # loader would fail to parse it (or, were it one, tokenize with another vocabulary).
+    marker = tmp_path / "outside.model"
+    marker.write_bytes(b"MARKER: a file outside the archive, never to be read")
+    crafted = _archive_naming_a_path(tokenizer, tmp_path, marker)
+
+    with pytest.raises(ValueError, match=r"model_path.*outside\.model.*safe_mode"):
+        keras.saving.load_model(crafted)  # safe mode, Keras' default
+    # Trusted (safe_mode=False): the path is ignored, the archive's own asset is the model.
+    restored = keras.saving.load_model(crafted, safe_mode=False)
+    assert restored.get_layer("tokenizer").proto == tokenizer.proto
+
+
+def test_keras_archive_naming_a_fifo_does_not_hang(tokenizer, tmp_path):
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    crafted = _archive_naming_a_path(tokenizer, tmp_path, fifo)
+    outcome = {}
+
+    def load():
+        try:
+            outcome["model"] = keras.saving.load_model(crafted)
+        except Exception as e:  # noqa: BLE001 - the outcome is checked below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():
+        # Opened by the loader for reading: a writer that closes at once gives it EOF, so the
+        # thread ends instead of hanging the test session.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=60)
+        pytest.fail("loading the archive opened the FIFO its config names")
+    assert isinstance(outcome.get("error"), ValueError), outcome
+    assert "model_path" in str(outcome["error"])

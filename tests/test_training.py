@@ -210,6 +210,94 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
         check_run_dir(tmp_path / "run")
 
 
+def test_a_second_run_in_the_same_run_dir_is_refused_at_once(corpus, tmp_path):
+    import socket
+
+    run_dir = tmp_path / "shared"
+    endless = {"training.max_steps": "100000", "training.early_stopping_patience": "0"}
+    sets = [a for s in tiny_overrides(corpus, **endless) for a in ("--set", s)]
+    args = ["train", "--config", "configs/tiny.yaml", "--run-dir", str(run_dir), *sets]
+    first = run_cli(args)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run_dir / "checkpoints" / "ckpt-00000010").is_dir():
+            assert first.poll() is None, first.communicate()[0]
+            time.sleep(0.05)
+        config_before = (run_dir / "config.yaml").read_bytes()
+        for extra in ([], ["--resume"]):
+            assert first.poll() is None, first.communicate()[0]
+            second = run_cli([*args, *extra])
+            out, _ = second.communicate(timeout=300)
+            assert second.returncode == 2, out
+            # Names the directory, who holds it, and what to do.
+            assert f"{run_dir} is in use" in out, out
+            assert f"pid {first.pid}" in out and socket.gethostname() in out, out
+            assert "--run-dir" in out
+        assert first.poll() is None  # the first run goes on, untouched
+        assert (run_dir / "config.yaml").read_bytes() == config_before
+        for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
+            ckpt.verify_checkpoint(path)
+    finally:
+        first.kill()  # the process this test started
+        first.wait()
+    # Its lock went with it: the run resumes (and stops at once, at a lower max_steps).
+    proc = run_cli([*args, "--resume", "--set", "training.max_steps=10"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+
+
+def test_the_run_dir_lock_is_released_when_the_run_fails(corpus, tmp_path):
+    from translator.corpora import DataError
+    from translator.files import exclusive_lock
+    from translator.training import train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = load_config(
+        "configs/tiny.yaml",
+        tiny_overrides(
+            corpus, **{"data.corpora": f"[{{name: 'files:{tmp_path}/no.en,{tmp_path}/no.fr'}}]"}
+        ),
+    )
+    with pytest.raises(DataError, match="not found"):
+        train(config, run_dir)  # fails once the lock is held (reading the corpus)
+    with exclusive_lock(run_dir / ".lock"):  # free again
+        pass
+
+
+def test_resume_with_another_architecture_is_refused_before_writing(
+    corpus, uninterrupted, tmp_path
+):
+    import shutil
+
+    from translator.training import train
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+
+    def files():
+        return {
+            str(p.relative_to(run_dir)): p.read_bytes()
+            for p in run_dir.rglob("*")
+            if p.is_file() and p.name != ".lock"
+        }
+
+    before = files()
+    changed = {"model.decoder_units": "48", "model.attention": "bahdanau", "model.dropout": "0.3"}
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **changed))
+    with pytest.raises(ValueError, match=r"--resume") as refused:
+        train(config, run_dir, resume=True)
+    message = str(refused.value)
+    assert "decoder_units: 32 there, 48 here" in message
+    assert "attention: 'luong' there, 'bahdanau' here" in message
+    assert "dropout: " not in message  # dropout may change on resume (as for init_from)
+    assert files() == before  # config.yaml included: refused before anything was written
+    # Only dropout changed: the run resumes (at its last step: nothing left to train).
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **{"model.dropout": "0.3"}))
+    os.environ["TRANSLATOR_QUIET"] = "1"
+    assert train(config, run_dir, resume=True)["steps"] == 40
+
+
 def test_learning_rate_schedule_warmup_and_decay():
     from translator.training import WarmupSchedule
 

@@ -26,7 +26,14 @@ import keras
 import tensorflow as tf
 
 from translator.config import WEIGHT_DTYPES
-from translator.files import atomic_path, atomic_write, version_dirs
+from translator.files import (
+    atomic_path,
+    fsync_tree,
+    locked_directory,
+    publish,
+    staging_dir,
+    version_dirs,
+)
 from translator.inference import Translator
 
 log = logging.getLogger("translator.export")
@@ -197,15 +204,19 @@ def export_saved_model(
     version = next_version(out_dir) if version is None else int(version)
     _check_new_version(out_dir, version)
     final = out_dir / str(version)
-    module = ServingModule(translator, weights_dtype)
     with atomic_path(final, directory=True) as tmp:
-        tf.saved_model.save(
-            module,
-            str(tmp),
-            signatures={"serving_default": module.serving_default, "translate": module.translate},
-        )
+        _write_saved_model(translator, tmp, weights_dtype)
     log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
     return final
+
+
+def _write_saved_model(translator: Translator, path: Path, weights_dtype: str) -> None:
+    module = ServingModule(translator, weights_dtype)
+    tf.saved_model.save(
+        module,
+        str(path),
+        signatures={"serving_default": module.serving_default, "translate": module.translate},
+    )
 
 
 def export(
@@ -218,8 +229,22 @@ def export(
 ) -> Path:
     """`translator export`: a run or model directory -> an export directory (see module docs).
 
-    Writes (atomically, file by file) `model.keras` carrying its tokenizers, `config.yaml` and
-    the SentencePiece model(s) into `out_dir`, then SavedModel version `version`. With
+    Writes `model.keras` carrying its tokenizers, `config.yaml`, the SentencePiece model(s)
+    and SavedModel version `version` into `out_dir`, as one change: a reader sees the old set
+    or the new set, never a mix, and an error (a full disk, an I/O error) changes nothing
+    visible. Everything is first written into a uniquely named staging directory inside
+    `out_dir` (so concurrent exports never share a temporary name, and every rename out of it
+    is atomic) and fsynced. Then, holding a lock on `out_dir` (concurrent exports publish one
+    after the other, each its own version number), the files beside the versions are renamed
+    into place, and the version directory last, in one rename: the commit point.
+
+    Why the version last: TF Serving loads the highest numeric directory as soon as it
+    appears, so it must appear complete, and `model.keras` and `config.yaml` must already be
+    the ones it goes with, never an older model's. Until the commit, `model.keras` may be the
+    new model beside the old newest version (for the few renames in between); an error in
+    that window puts the previous files back (`translator.files.publish`). A process killed
+    in it (no code runs to undo anything) can leave new files beside the old newest version,
+    and its `.export-*.tmp` staging directory, which may be deleted. With
     `weights_dtype="float16"`, weights are first rounded to float16 so that the `.keras` model
     (float32 values) and the SavedModel (float16 storage) translate identically.
     `projection_dtype` (`"float32"` or `"bfloat16"`) replaces the config's
@@ -251,9 +276,9 @@ def export(
         probe.close()
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e}") from e
-    # Refuse an existing version before touching the files the current versions go with.
-    version = next_version(out_dir) if version is None else int(version)
-    _check_new_version(out_dir, version)
+    # Refuse an existing version before any work (and again when publishing, under the lock).
+    requested = None if version is None else int(version)
+    _check_new_version(out_dir, next_version(out_dir) if requested is None else requested)
     source_dir = model_path.parent if model_path.suffix == ".keras" else model_path
     overrides = {
         name: value
@@ -265,17 +290,32 @@ def export(
     }
     translator = with_tokenizers(load(model_path, **overrides))
     round_weights(translator.model, weights_dtype)
-    _save_keras(translator.model, out_dir / "model.keras")
-    if source_dir.resolve() != out_dir.resolve():
-        for name in ("config.yaml", "spm.model", "spm.source.model", "spm.target.model"):
-            if (source_dir / name).is_file():
-                _copy_atomic(source_dir / name, out_dir / name)
-    final = export_saved_model(translator, out_dir, version, weights_dtype)
-    if overrides:
-        # Recorded once the SavedModel built with them exists, so that `translator.load` of the
-        # export directory decodes as the SavedModel does.
-        atomic_write(out_dir / "config.yaml", _with_decoding(source_dir, overrides))
+    with staging_dir(out_dir, prefix=".export-") as staging:
+        for name in _SIDE_FILES:
+            if (source_dir / name).is_file() and not (name == "config.yaml" and overrides):
+                shutil.copyfile(source_dir / name, staging / name)
+        if overrides:
+            # The decoding the SavedModel is built with, so that `translator.load` of the
+            # export directory decodes as the SavedModel does.
+            (staging / "config.yaml").write_text(_with_decoding(source_dir, overrides))
+        translator.model.save(staging / "model.keras")
+        # Published in this order, the version last.
+        names = [n for n in (*_SIDE_FILES, "model.keras") if (staging / n).is_file()]
+        _write_saved_model(translator, staging / "saved_model", weights_dtype)
+        fsync_tree(staging)
+        with locked_directory(out_dir):
+            # Chosen (or checked) again under the lock: another export may have published.
+            version = next_version(out_dir) if requested is None else requested
+            _check_new_version(out_dir, version)
+            final = out_dir / str(version)
+            moves = [(staging / name, out_dir / name) for name in names]
+            publish([*moves, (staging / "saved_model", final)], staging / ".previous")
+    log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
     return final
+
+
+# The files beside the versions that an export copies from the model it exports.
+_SIDE_FILES = ("spm.model", "spm.source.model", "spm.target.model", "config.yaml")
 
 
 def _check_new_version(out_dir: Path, version: int) -> None:
@@ -301,16 +341,6 @@ def _with_decoding(source_dir: Path, options: dict) -> str:
         return load_config(config_file, overrides).to_yaml()
     decoding = load_config(None, overrides).decoding.model_dump(mode="json")
     return yaml.safe_dump({"decoding": decoding}, sort_keys=False)
-
-
-def _save_keras(model, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        model.save(tmp)
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
 
 
 def load_saved_model(path):

@@ -1,22 +1,38 @@
-"""Files that appear whole or not at all: atomic writes, directory fsync, export version folders."""
+"""Files that appear whole or not at all (atomic writes, sets published together); locks."""
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# What a filesystem answers when it cannot fsync a directory (or open one to do it): nothing
+# to flush there. Anything else (EIO, ENOSPC) is an error the caller must hear about.
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES}
 
 
 def fsync_dir(path) -> None:
-    """Flushes a directory's entries (a rename into it) to disk; a no-op where unsupported."""
+    """Flushes a directory's entries (a rename into it) to disk; a no-op where unsupported.
+
+    Raises:
+        OSError: the filesystem failed to flush (an I/O error, a full disk).
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems (and Windows) cannot fsync a directory
-        pass
+    except OSError as e:  # some filesystems (and Windows) cannot fsync a directory
+        if e.errno not in _FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
@@ -27,7 +43,8 @@ def _umask() -> int:
     return umask
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path) -> None:
+    """Flushes every file under `path` and every directory's entries to disk."""
     for root, _, names in os.walk(path):
         for name in names:
             with open(os.path.join(root, name), "rb") as file:
@@ -70,7 +87,7 @@ def atomic_path(path, directory: bool = False):
     try:
         yield tmp
         if directory:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         else:
             with open(tmp, "rb") as file:
                 os.fsync(file.fileno())
@@ -103,3 +120,136 @@ def version_dirs(base_dir) -> list[tuple[int, Path]]:
         return []
     found = [(int(p.name), p) for p in base_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     return sorted(found)
+
+
+@contextlib.contextmanager
+def staging_dir(parent, prefix: str = ".staging-"):
+    """Yields a new, uniquely named, empty directory inside `parent`; removes it at the end.
+
+    For writing a set of files (`publish` then renames them out of it): inside `parent`, so
+    on its filesystem and every rename out of it atomic; hidden (`.<prefix><random>.tmp`), so
+    neither TF Serving nor `version_dirs` take it for a version. Whatever is left in it at the
+    end (everything, after an error) is deleted.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(moves, backup_dir) -> None:
+    """Renames each `(staged, target)` of `moves` over its target, in order, as one change.
+
+    The staged paths must be on the targets' filesystem (see `staging_dir`), complete and
+    fsynced. Each rename is atomic, so a reader sees every target whole, old or new. The last
+    move is the commit point: it runs only once the others are on disk (their directories
+    fsynced), and it must not replace anything (a directory target that exists is an error).
+    If a move before it fails, the targets already replaced get their previous files back
+    (hard links kept in `backup_dir`, a directory on the same filesystem) and the new ones are
+    removed, so nothing visible changed, and the error is raised. A failure to fsync after
+    the commit point only logs a warning: the new set is in place.
+
+    Raises:
+        FileExistsError: the last target exists.
+        OSError: a move failed (the previous files are back).
+    """
+    moves = [(Path(a), Path(b)) for a, b in moves]
+    *files, (last_staged, last_target) = moves
+    if last_target.exists():
+        raise FileExistsError(f"{last_target} exists already")
+    backup_dir = Path(backup_dir)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    replaced = []  # (target, its previous file's backup or None)
+    try:
+        for i, (staged, target) in enumerate(files):
+            backup = None
+            if target.exists():
+                backup = backup_dir / f"{i}-{target.name}"
+                os.link(target, backup)
+            os.replace(staged, target)
+            replaced.append((target, backup))
+        for directory in {target.parent for _, target in moves}:
+            fsync_dir(directory)
+        os.rename(last_staged, last_target)
+    except BaseException:
+        for target, backup in reversed(replaced):
+            try:
+                if backup is None:
+                    target.unlink()
+                else:
+                    os.replace(backup, target)
+            except OSError as e:  # a second failure: say what is left
+                log.error("could not put back %s after a failed publish: %s", target, e)
+        raise
+    try:
+        fsync_dir(last_target.parent)
+    except OSError as e:
+        log.warning("%s is in place, but flushing its directory failed: %s", last_target, e)
+
+
+@contextlib.contextmanager
+def locked_directory(path):
+    """Holds an exclusive lock on the directory `path` itself (no lock file), waiting for it.
+
+    For short critical sections among cooperating processes, such as two exports publishing
+    into one folder. Where the filesystem cannot lock a directory, it runs unlocked.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.debug("cannot lock %s (%s): going on without the lock", path, e)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class LockedError(OSError):
+    """An exclusive lock is held by another process; `holder` describes it (`pid N on host
+    H since T`, or `an unknown process`)."""
+
+    def __init__(self, path, holder: str):
+        super().__init__(f"{path} is locked by {holder}")
+        self.path = path
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Holds an exclusive lock on the file `path` (created if missing) or fails at once.
+
+    A `flock` lock: the kernel releases it when the process ends, however it ends, so a lock
+    is never stale. The holder writes `pid N on host H since T` into the file, for the message
+    another process gets. Where the filesystem has no locks (an NFS mount without a lock
+    manager), it logs a warning and runs unlocked.
+
+    Raises:
+        LockedError: another process holds the lock (its `holder` says who).
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "an unknown process"
+            raise LockedError(path, holder) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            log.warning("cannot lock %s (%s): going on without the lock", path, e)
+            locked = False
+        if locked:
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.ftruncate(fd, 0)
+            os.write(
+                fd, f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n".encode()
+            )
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import random
+import warnings
 
 import keras
 import sentencepiece as spm
@@ -376,6 +377,41 @@ class SentencePieceTokenizer(keras.layers.Layer):
         # `.keras` file (`save_assets`), and a path in the config would make loading read a
         # file outside the archive.
         return super().get_config()
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer of a config, without its model: that comes from the `.keras` file's asset.
+
+        `get_config()` never writes `proto` or `model_path`, so a config that holds one was
+        made by hand: a `.keras` archive must not make its loader read a path of the
+        loading machine (a FIFO hangs the load, `/dev/zero` exhausts memory). In Keras' safe
+        mode (`keras.saving.load_model`'s default) such a config is refused; with
+        `safe_mode=False` the entries are ignored, with a warning, and the model is the
+        archive's own asset all the same.
+        """
+        from keras.src.saving.serialization_lib import in_safe_mode
+
+        config = dict(config)
+        named = {key: config.pop(key) for key in ("model_path", "proto") if key in config}
+        if named:
+            shown = ", ".join(
+                f"{key}={value!r}" if key == "model_path" else f"{key}=<{type(value).__name__}>"
+                for key, value in named.items()
+            )
+            if in_safe_mode() is not False:
+                raise ValueError(
+                    f"SentencePieceTokenizer config {config.get('name')!r} names its model "
+                    f"({shown}): a .keras file carries the SentencePiece model as an asset, and "
+                    "its config may not point at a file. Refused in safe_mode; the file may "
+                    "have been crafted (load it with safe_mode=False only if you trust it: the "
+                    "entry is then ignored)."
+                )
+            warnings.warn(
+                f"SentencePieceTokenizer config {config.get('name')!r}: ignoring {shown}; the "
+                "model is read from the .keras file's asset",
+                stacklevel=2,
+            )
+        return cls(**config)
 
     def save_assets(self, dir_path):
         self._check_proto()

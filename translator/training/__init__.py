@@ -4,7 +4,7 @@ Modules, each with one job:
 
 - `objectives`: the masked loss, token metrics and learning-rate schedule.
 - `building`: the model and optimizer from a config, the dtype policy, `save_model`.
-- `inputs`: the run directory check, SentencePiece models, training batches, validation set.
+- `inputs`: the run directory check and lock, SentencePiece models, training batches, validation set.
 - `init_from`: starting from a trained model (`training.init_from`).
 - `distribution`: `tf.distribute` strategies and every workaround for Keras under them.
 - `callback`: checkpoints, validation BLEU and stopping at the end of each chunk.
@@ -36,12 +36,13 @@ from translator.training.distribution import (
 )
 from translator.training.init_from import InitFromError, init_weights_from, load_init_model
 from translator.training.inputs import (
+    RunDirLock,
     check_run_dir,
     load_training_pairs,
     load_validation,
     prepare_tokenizers,
 )
-from translator.training.loop import train
+from translator.training.loop import ResumeError, train
 from translator.training.objectives import (
     MaskedCrossEntropy,
     TargetTokens,
@@ -52,6 +53,8 @@ from translator.training.objectives import (
 __all__ = [
     "InitFromError",
     "MaskedCrossEntropy",
+    "ResumeError",
+    "RunDirLock",
     "TargetTokens",
     "TokenAccuracy",
     "TrainingMonitor",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from translator import corpora
 from translator import data as data_lib
 from translator.config import Config
+from translator.files import LockedError, exclusive_lock
 from translator.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,61 @@ def check_run_dir(run_dir: Path, needed_bytes: int = 200 << 20) -> None:
             f"only {free >> 20} MiB free under {run_dir}; checkpoints need about "
             f"{needed_bytes >> 20} MiB. Free some space or choose another --run-dir."
         )
+
+
+class RunDirLock:
+    """The exclusive lock of a run directory, `<run_dir>/.lock`: one training writes it at a time.
+
+    Two runs in one directory would destroy each other (one's clean-up deleting the other's
+    checkpoint in progress, config.yaml and checkpoints overwritten). `acquire` takes the lock
+    or fails at once, naming the process (PID and host) that holds it; it is held until
+    `release` or the end of the `with` block, and the kernel releases it when the process
+    ends, however it ends, so there is never a stale lock to remove.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self._held = None
+
+    def acquire(self) -> None:
+        """Takes the lock (creating the run directory); a no-op when held already.
+
+        Raises:
+            OSError: another process holds it, or the directory is not writable.
+        """
+        if self._held is not None:
+            return
+        held = contextlib.ExitStack()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive_lock(self.run_dir / LOCK_FILE))
+        except LockedError as e:
+            raise OSError(
+                f"run directory {self.run_dir} is in use by another training ({e.holder}): "
+                "two runs in one directory would overwrite each other's checkpoints. Wait for "
+                "it to end (or stop that process), or choose another --run-dir"
+            ) from None
+        except OSError as e:
+            raise OSError(
+                f"run directory {self.run_dir} is not writable ({e.strerror or e}); choose "
+                "another with --run-dir"
+            ) from None
+        self._held = held
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# The lock file in a run directory (see RunDirLock); it stays when released.
+LOCK_FILE = ".lock"
 
 
 def prepare_tokenizers(config: Config, train_pairs, run_dir: Path, train_missing: bool = True):

@@ -40,6 +40,7 @@ from translator.training.distribution import (
 )
 from translator.training.init_from import init_weights_from, load_init_model, write_init_vocabulary
 from translator.training.inputs import (
+    RunDirLock,
     batch_maker,
     check_run_dir,
     load_training_pairs,
@@ -65,6 +66,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
     workers were killed resumes from its backup when they are restarted with the same
     `TF_CONFIG`.
 
+    The process that writes the run directory holds its lock (`RunDirLock`, `<run_dir>/.lock`)
+    from before it reads the directory (or, for a new one, from when it is created) to the
+    end: a second training on the same directory fails at once, naming the first one's PID.
+    `resume` with a model section other than the run's config.yaml (dropout aside) is refused
+    before anything is written.
+
     Keras' global dtype policy is `training.precision` while the run trains, and is what it was
     before when `train` returns.
     """
@@ -72,11 +79,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
     strategy = make_strategy(config.training.strategy)
     run_dir = Path(run_dir)
     if strategy.extended.should_checkpoint:
-        return _train(config, strategy, run_dir, run_dir, resume)
+        with RunDirLock(run_dir) as lock:
+            if run_dir.is_dir():
+                lock.acquire()  # before reading what the run directory holds
+            return _train(config, strategy, run_dir, run_dir, resume, lock)
     resolver = strategy.cluster_resolver
     scratch = Path(tempfile.mkdtemp(prefix=f"translator-{resolver.task_type}{resolver.task_id}-"))
     try:
-        return _train(config, strategy, run_dir, scratch, resume)
+        return _train(config, strategy, run_dir, scratch, resume, lock=None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -97,6 +107,7 @@ class _Run:
     resume: bool
     backup: WorkerBackup | None  # multi-worker runs only
     interrupted: bool  # a multi-worker run's backup is there to resume from
+    lock: RunDirLock | None = None  # the run directory's, held by the process that writes it
     init: Translator | None = None  # the training.init_from model, dropped once copied
 
     @property
@@ -104,12 +115,12 @@ class _Run:
         return self.run_dir / "checkpoints"
 
 
-def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict:
+def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool, lock) -> dict:
     """`train` with `strategy`: reads the run from `run_dir`, writes it to `out_dir`."""
     topology = Topology.of(strategy, chief=out_dir == run_dir)
     backup = WorkerBackup(run_dir / "backup", out_dir / "backup") if topology.multi_worker else None
     interrupted = backup is not None and backup.exists()
-    run = _Run(config, strategy, topology, run_dir, out_dir, resume, backup, interrupted)
+    run = _Run(config, strategy, topology, run_dir, out_dir, resume, backup, interrupted, lock)
     _start(run)
     keras.utils.set_random_seed(config.training.seed)
     precision = resolve_precision(config.training.precision)
@@ -120,8 +131,9 @@ def _train(config, strategy, run_dir: Path, out_dir: Path, resume: bool) -> dict
 def _start(run: _Run) -> None:
     """Checks the run can start, loads its init_from model and writes its `config.yaml`.
 
-    Every check (an existing run without --resume, a bad `training.init_from`, an unwritable run
-    directory) fails before anything is written.
+    Every check (an existing run without --resume, a resumed run with another architecture, a
+    bad `training.init_from`, an unwritable run directory, another training in it) fails
+    before anything is written.
     """
     config, chief = run.config, run.topology.chief
     if ckpt.list_checkpoints(run.checkpoints) and not (run.resume or run.interrupted):
@@ -129,6 +141,8 @@ def _start(run: _Run) -> None:
             f"{run.run_dir} already holds checkpoints: pass --resume to continue that run, or "
             "choose a new --run-dir"
         )
+    if run.resume or run.interrupted:
+        _check_same_architecture(config, run.run_dir)
     fresh = not (run.interrupted or ckpt.list_checkpoints(run.checkpoints))
     if config.training.init_from and fresh:
         # Every worker checks (and so refuses with the same message) before anything is written.
@@ -136,11 +150,41 @@ def _start(run: _Run) -> None:
     elif config.training.init_from:
         log.info("training.init_from ignored: the run resumes from its own checkpoints")
     check_run_dir(run.out_dir)
+    if run.lock is not None:
+        run.lock.acquire()  # a new run directory: from its creation on (a no-op if held)
     if run.init is not None and chief:
         write_init_vocabulary(run.run_dir, init_vocabulary)
     if run.topology.distributed and config.training.jit_compile is True:
         log.info("XLA is off under a distribution strategy (training.jit_compile ignored)")
     atomic_write(run.out_dir / "config.yaml", config.to_yaml())
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed with this config; the message lists what differs."""
+
+
+def _check_same_architecture(config: Config, run_dir: Path) -> None:
+    """Refuses a model section other than the one in the run's `config.yaml` (dropout aside:
+    it changes no weight, as for `training.init_from`)."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        section = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model") or {}
+        theirs = type(config.model).model_validate(section).model_dump(exclude={"dropout"})
+    except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
+        raise ResumeError(f"--resume: cannot read the model section of {saved}: {e}") from None
+    ours = config.model.model_dump(exclude={"dropout"})
+    different = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    if different:
+        listed = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in different.items())
+        raise ResumeError(
+            f"--resume: {run_dir} was trained with another model section ({listed}), and a "
+            f"run's architecture cannot change (only model.dropout may). Resume with the run's "
+            f"own config (--config {saved}), or train this one in a new --run-dir"
+        )
 
 
 def _train_in_precision(run: _Run, precision: str) -> dict:
@@ -276,6 +320,7 @@ def _fit(run: _Run, config: Config, model, stream, monitor, state: dict, step: i
         epochs=total_chunks,
         initial_epoch=done_chunks,
         steps_per_epoch=chunk,
+        shuffle=False,  # the tf.data pipeline shuffles; Keras warns that it would ignore True
         callbacks=[monitor, run.backup] if run.backup else [monitor],
         verbose=1 if os.environ.get("TRANSLATOR_QUIET") != "1" else 0,
     )
