@@ -13,12 +13,25 @@ Every level is bounded by `--requests` and `--duration` seconds, and the script 
 (a server it started is stopped at the end). Only loopback URLs are accepted. Targets for the
 shipped model at beam 5 on the 2-core CPU: no errors, p50 < 100 ms at concurrency 1, and at
 least 4x the concurrency-1 throughput at concurrency 32 (`--check` exits 1 when one is missed).
+
+`--adversarial` measures what abuse costs everyone else instead: 8 clients send short sentences
+on an idle server, then again while 4 clients send the heaviest request the server's budget
+admits (texts of the longest allowed length at the largest beam size, with alignments, as many
+texts as --max-request-cost and --max-alignment-values let through: found by probing the 413
+answers). It reports the short requests' p50/p99 in both phases and the server's peak resident
+memory (sampled from /proc/PID/status, or from /metrics for a --url server without --pid).
+Targets: p99 under attack < 3x idle, peak RSS under attack < 2x idle.
+
+    python bench/load.py --model saved_models/en-fr --adversarial
+    python bench/load.py --model saved_models/en-fr --adversarial --requests 20 --duration 5
 """
 
 import argparse
 import asyncio
 import gzip
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,8 +86,9 @@ def metrics(url: str) -> dict[str, float]:
     return values
 
 
-async def run_level(url, texts, concurrency, requests, duration, beam_size, offset=0):
-    """`requests` requests from `concurrency` clients, stopping after `duration` seconds."""
+async def run_level(url, texts, concurrency, requests, duration, beam_size, offset=0, stop=None):
+    """`requests` requests from `concurrency` clients, stopping after `duration` seconds (or
+    when `stop`, an asyncio.Event, is set)."""
     latencies, errors, next_index = [], [], [0]
     deadline = time.monotonic() + duration
 
@@ -83,6 +97,8 @@ async def run_level(url, texts, concurrency, requests, duration, beam_size, offs
         # serializes in the client at high concurrency and would measure httpx, not the server.
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             while next_index[0] < requests and time.monotonic() < deadline:
+                if stop is not None and stop.is_set():
+                    break
                 i = next_index[0]
                 next_index[0] += 1
                 body = {"text": texts[(offset + i) % len(texts)]}
@@ -126,6 +142,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="folder with multi30k/ (else $TRANSLATOR_DATA_DIR)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra serve argument")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--adversarial",
+        action="store_true",
+        help="short requests from 8 clients, idle and while 4 clients send the heaviest "
+        "admitted request: latency and server memory",
+    )
+    parser.add_argument("--pid", type=int, help="the --url server's process id (memory)")
     args = parser.parse_args(argv)
 
     proc = None
@@ -140,6 +163,8 @@ def main(argv=None) -> int:
             if proc is not None and proc.poll() is not None:
                 raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
             raise SystemExit(f"{url} was not ready within 300 s")
+        if args.adversarial:
+            return run_adversarial(url, args, proc.pid if proc is not None else args.pid)
         return run(url, args)
     finally:
         if proc is not None:
@@ -205,6 +230,160 @@ def run(url: str, args) -> int:
         checks.append(("soak: no errors", failed == 0))
         checks.append(("soak: RSS grew < 10%", rss[-1] < 1.1 * rss[0]))
     print("targets (meaningful for the shipped model at beam 5 on an idle machine):")
+    for name, passed in checks:
+        print(f"  {'PASS' if passed else 'MISS'}  {name}")
+    return 1 if args.check and not all(passed for _, passed in checks) else 0
+
+
+# -- --adversarial ---------------------------------------------------------------------------
+
+SHORT_CLIENTS, HEAVY_CLIENTS = 8, 4
+
+
+class MemorySampler:
+    """The server's resident memory, sampled every `interval` seconds while running: from
+    /proc/PID/status when the process id is known, else from /metrics."""
+
+    def __init__(self, url: str, pid: int | None, interval: float = 0.1):
+        self.url, self.pid, self.interval = url, pid, interval if pid else 0.5
+        self.peak = 0.0
+
+    def read(self) -> float:
+        if self.pid is not None:
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            return float(line.split()[1]) * 1024
+            except OSError:
+                return float("nan")
+        return metrics(self.url).get("process_resident_memory_bytes", float("nan"))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            value = await asyncio.to_thread(self.read)
+            if value == value:  # not NaN
+                self.peak = max(self.peak, value)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+
+def heaviest_request(url: str) -> tuple[dict, str]:
+    """The heaviest `/v1/translate` body the server admits: its longest texts at its largest
+    beam, with alignments, and as many texts as its 413 answers allow (probed: a refused
+    request costs the server nothing but the check)."""
+    schema = httpx.get(url + "/openapi.json", timeout=30).json()["components"]["schemas"]
+    fields = schema["TranslateRequest"]["properties"]
+    chars = fields["text"].get("maxLength", 1000)
+    count = fields["texts"].get("maxItems", 64)
+    beam = _maximum(fields["beam_size"], 16)
+    for _ in range(20):
+        body = {"texts": ["x" * chars] * count, "beam_size": beam, "return_alignment": True}
+        response = httpx.post(url + "/v1/translate", json=body, timeout=300)
+        if response.status_code == 200:
+            return body, f"{count} texts x {chars} characters at beam {beam}, with alignments"
+        error = response.json().get("error", "") if response.status_code == 413 else ""
+        numbers = None
+        for pattern in (
+            r"alone costs (\d+) decoding steps.*?\(max_batch_cost, (\d+)\)",
+            r"costs (\d+) decoding steps.*?limit of (\d+)",
+            r"hold up to (\d+) alignment values.*?limit of (\d+)",
+        ):
+            numbers = numbers or re.search(pattern, error, re.S)
+        if response.status_code != 413 or numbers is None:
+            raise SystemExit(f"cannot find an admitted heavy request: {response.text[:300]}")
+        cost, limit = (int(n) for n in numbers.groups())
+        if "alone costs" in error:  # one text over a model call's budget: a smaller beam
+            beam = max(1, math.floor(beam * limit / cost))
+        elif count > 1:
+            count = max(1, min(count - 1, math.floor(count * limit / cost)))
+        else:
+            chars = max(1, min(chars - 1, math.floor(chars * limit / cost)))
+    raise SystemExit("no admitted heavy request found in 20 probes")
+
+
+def _maximum(field: dict, default: int) -> int:
+    for option in [field, *field.get("anyOf", [])]:
+        if "maximum" in option:
+            return int(option["maximum"])
+    return default
+
+
+async def _heavy_clients(url: str, body: dict, stop: asyncio.Event, results: list) -> None:
+    async def client():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            while not stop.is_set():
+                try:
+                    request = asyncio.ensure_future(http.post("/v1/translate", json=body))
+                    halt = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({request, halt}, return_when=asyncio.FIRST_COMPLETED)
+                    halt.cancel()
+                    if not request.done():
+                        request.cancel()  # the phase is over: leave (the server drops it)
+                        break
+                    results.append(request.result().status_code)
+                except httpx.HTTPError as e:
+                    results.append(type(e).__name__)
+
+    await asyncio.gather(*(client() for _ in range(HEAVY_CLIENTS)))
+
+
+async def _phase(url, texts, args, beam, pid, heavy_body=None, offset=0):
+    """Short requests from 8 clients, alone or beside 4 heavy clients; memory sampled."""
+    stop = asyncio.Event()
+    sampler = MemorySampler(url, pid)
+    sampling = asyncio.ensure_future(sampler.run(stop))
+    heavy_results: list = []
+    heavy = None
+    if heavy_body is not None:
+        heavy = asyncio.ensure_future(_heavy_clients(url, heavy_body, stop, heavy_results))
+        await asyncio.sleep(1.0)  # let the heavy requests occupy the model first
+    short = await run_level(
+        url, texts, SHORT_CLIENTS, args.requests, args.duration, beam, offset=offset
+    )
+    stop.set()
+    if heavy is not None:
+        await heavy
+    await sampling
+    return short, heavy_results, sampler.peak
+
+
+def run_adversarial(url: str, args, pid: int | None) -> int:
+    texts, source = sentences(args.data_dir)
+    beam = args.beam_size or None
+    print(f"server {url}; short requests: {len(texts)} sentences from {source}, beam "
+          f"{beam or 'default'}; memory from {f'/proc/{pid}/status' if pid else '/metrics'}")  # fmt: skip
+    asyncio.run(run_level(url, texts, 4, args.warmup, 60, beam))  # untimed warm-up
+    (idle, idle_errors, _), _, idle_rss = asyncio.run(_phase(url, texts, args, beam, pid))
+    heavy_body, heavy_text = heaviest_request(url)
+    print(f"heaviest admitted request: {heavy_text}")
+    (attacked, attacked_errors, _), heavy_results, attack_rss = asyncio.run(
+        _phase(url, texts, args, beam, pid, heavy_body, offset=11)
+    )
+    ms = lambda values, q: percentile(values, q) * 1000  # noqa: E731
+    print(f"{'phase':<16} {'short requests':>14} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'peak RSS MiB':>12}")  # fmt: skip
+    for name, values, errors, rss in (
+        ("idle", idle, idle_errors, idle_rss),
+        ("4 heavy clients", attacked, attacked_errors, attack_rss),
+    ):
+        print(f"{name:<16} {len(values) + len(errors):>14} {len(errors):>6} "
+              f"{ms(values, 50):>8.1f} {ms(values, 99):>8.1f} {rss / 2**20:>12.0f}")  # fmt: skip
+        for error in errors[:3]:
+            print(f"    error: {error}")
+    done = sum(1 for r in heavy_results if r == 200)
+    print(f"heavy requests: {len(heavy_results)} answered, {done} with 200, others: "
+          f"{sorted({str(r) for r in heavy_results if r != 200})}")  # fmt: skip
+    latency = ms(attacked, 99) / ms(idle, 99) if idle else float("nan")
+    memory = attack_rss / idle_rss if idle_rss else float("nan")
+    checks = [
+        ("short requests: no errors", not idle_errors and not attacked_errors),
+        (f"short p99 under attack < 3x idle ({latency:.1f}x)", latency < 3),
+        (f"peak RSS under attack < 2x idle ({memory:.2f}x)", memory < 2),
+    ]
+    print("targets (meaningful on an idle machine):")
     for name, passed in checks:
         print(f"  {'PASS' if passed else 'MISS'}  {name}")
     return 1 if args.check and not all(passed for _, passed in checks) else 0

@@ -17,18 +17,23 @@ Plus `GET /healthz` (process up), `GET /readyz` (model loaded and warmed up), `G
 The model runs behind a backend (`backends.py`): `SavedModelBackend` loads the TF Serving export
 in-process (the default), `RemoteBackend` forwards to a TF Serving deployment over its REST API.
 Either way a `MicroBatcher` (`batching.py`) merges concurrent requests with equal decoding
-options into one model call.
+options into model calls of bounded size and cost, and splits larger requests.
 
 Bad input never gives a 5xx: every problem with a request is a JSON 4xx saying what was wrong
-(`errors.py`, `middleware.py`).
+(`errors.py`, `middleware.py`). Abuse is bounded (`service.py`, `connections.py`): a request's
+cost (texts x beam x maximum output length, and its alignment values) is checked before it is
+queued, every request has a deadline, a client that leaves has its queued work dropped, slow
+clients are disconnected, and shutdown takes at most --shutdown-timeout seconds.
 
-Modules, each importing only those above it: `settings`, `errors`, `protocol`, `metrics`,
-`backends`, `batching`, `middleware`, `service`, `translate`, `tfserving`, `app`, `testing`.
+Modules, each importing only those below it: `testing`, `app`, `connections`, `tfserving` and
+`translate`, `service`, `middleware`, `batching`, `backends`, `metrics`, `protocol`, `errors`,
+`settings`.
 """
 
 from translator.server.app import app_from_env, check_export, create_app, serve
 from translator.server.backends import (
     Backend,
+    LengthModel,
     RemoteBackend,
     SavedModelBackend,
     SignatureInfo,
@@ -36,7 +41,7 @@ from translator.server.backends import (
     decoding_defaults,
 )
 from translator.server.batching import MicroBatcher
-from translator.server.errors import ApiError, BackendError, ModelInputError
+from translator.server.errors import ApiError, BackendError, ModelInputError, ModelLoadError
 from translator.server.metrics import Metrics
 from translator.server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from translator.server.service import ServiceState
@@ -46,10 +51,12 @@ __all__ = [
     "ApiError",
     "Backend",
     "BackendError",
+    "LengthModel",
     "BodyLimitMiddleware",
     "MicroBatcher",
     "Metrics",
     "ModelInputError",
+    "ModelLoadError",
     "RemoteBackend",
     "RequestMetricsMiddleware",
     "SavedModelBackend",

@@ -15,6 +15,8 @@ from translator.files import version_dirs
 from translator.server import tfserving
 from translator.server.backends import Backend, create_backend
 from translator.server.batching import MicroBatcher
+from translator.server.connections import LIFESPAN_KEY
+from translator.server.errors import RETRY_AFTER
 from translator.server.metrics import CONTENT_TYPE, Metrics, multiprocess_dir
 from translator.server.middleware import (
     BodyLimitMiddleware,
@@ -49,17 +51,32 @@ async def healthz():
     "/readyz",
     response_model=Health,
     response_model_exclude_none=True,
-    responses={503: {"model": Health, "description": "Not ready."}},
-    summary="Readiness: the model is loaded and warmed up",
+    responses={503: {"model": Health, "description": "Not ready, overloaded or stopping."}},
+    summary="Readiness: the model is loaded and warmed up, and the queue has room",
 )
 async def readyz(state: Service):
-    backend = state.backend
-    problem = state.load_error if not backend.loaded else None
+    backend, batcher = state.backend, state.batcher
+    problem, status = (state.load_error if not backend.loaded else None), "not ready"
+    if problem is None and batcher.closing:
+        problem, status = "the server is shutting down", "stopping"
+    if problem is None and batcher.full:
+        problem = f"the queue is full ({batcher.max_queue} requests waiting, --max-queue)"
+        status = "overloaded"
     if problem is None:
         problem = await asyncio.get_running_loop().run_in_executor(None, backend.check_ready)
+    if problem is None and not backend.loaded:
+        problem = "the model is still loading"
+    failed = [
+        {"version": str(v), "error": message}
+        for v, message in sorted(backend.failed_versions.items(), reverse=True)
+    ] or None
     if problem is not None:
-        return JSONResponse({"status": "not ready", "error": problem}, status_code=503)
-    return {"status": "ready", "model": {"name": backend.name, "version": str(backend.version)}}
+        body = {"status": status, "error": problem}
+        if failed:
+            body["failed_versions"] = failed
+        return JSONResponse(body, status_code=503, headers=RETRY_AFTER)
+    model = {"name": backend.name, "version": str(backend.version)}
+    return Health(status="ready", model=model, failed_versions=failed)
 
 
 @router.get(
@@ -128,13 +145,15 @@ def _document_model_name(app: FastAPI, name: str) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Starts the batcher and loads the backend in the background; stops both at shutdown."""
+    """Starts the batcher and loads the backend in the background; stops both at shutdown.
+
+    The lifespan state carries the service (`LIFESPAN_KEY`) for the connection protocols."""
     state: ServiceState = app.state.service
     state.metrics.model_ready.set(int(state.backend.loaded))
     state.batcher.start()
     loader = asyncio.get_running_loop().create_task(state.load())
     try:
-        yield
+        yield {LIFESPAN_KEY: state}
     finally:
         loader.cancel()
         await state.batcher.stop()
@@ -157,6 +176,7 @@ def create_app(backend: Backend | None = None, settings: ServerSettings | None =
         max_wait=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue,
         metrics=metrics,
+        max_batch_cost=settings.max_batch_cost,
     )
     app = FastAPI(
         title="translator",
@@ -166,13 +186,20 @@ def create_app(backend: Backend | None = None, settings: ServerSettings | None =
         responses={
             400: {"model": ErrorBody, "description": "Malformed request."},
             405: {"model": ErrorBody, "description": "Wrong HTTP method."},
-            413: {"model": ErrorBody, "description": "Body over the size limit."},
+            408: {"model": ErrorBody, "description": "Body not received in time."},
+            413: {"model": ErrorBody, "description": "Body or cost over a limit."},
             415: {"model": ErrorBody, "description": "Content-Type is not application/json."},
-            503: {"model": ErrorBody, "description": "Model not ready, or overloaded."},
+            500: {"model": ErrorBody, "description": "The model cannot be loaded."},
+            503: {"model": ErrorBody, "description": "Not ready, overloaded or stopping."},
+            504: {"model": ErrorBody, "description": "The request's deadline passed."},
         },
     )
     app.state.service = ServiceState(backend, settings, batcher, metrics)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: times it all
     add_exception_handlers(app)
     app.include_router(translate_router(settings))
@@ -210,10 +237,56 @@ def check_export(path) -> None:
         raise FileNotFoundError(f"{path} holds no SavedModel version (1/, 2/, ...): {hint}")
 
 
+STARTUP_FAILURE = 3  # uvicorn's exit status for a worker that could not start
+
+
 def app_from_env() -> FastAPI:
-    """The app for uvicorn's worker processes (`--workers N`): settings come from the env."""
+    """The app for uvicorn's worker processes (`--workers N`): settings come from the env.
+
+    A worker whose model cannot be loaded at all exits with uvicorn's start-up failure status,
+    which stops the other workers and the parent (`serve` then returns 1)."""
     settings = ServerSettings.model_validate_json(os.environ.get(SETTINGS_ENV, "{}"))
-    return create_app(settings=settings)
+    app = create_app(settings=settings)
+
+    def exit_worker(reason: str) -> None:
+        log.critical("cannot serve model %s: %s", settings.name, reason)
+        logging.shutdown()
+        os._exit(STARTUP_FAILURE)
+
+    app.state.service.on_fatal = exit_worker
+    return app
+
+
+def uvicorn_config(app, settings: ServerSettings, host: str, port: int, **options):
+    """uvicorn's config for the service: its HTTP protocol (header deadline, connection cap,
+    shutdown passed on to the service) and the graceful-shutdown timeout."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        # By name: `--workers` processes import it (and TensorFlow) only once they have
+        # started answering uvicorn's health checks, which a slow import would fail.
+        http="translator.server.connections:HTTPProtocol",
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        **options,
+    )
+
+
+def uvicorn_server(app: FastAPI, settings: ServerSettings, host: str, port: int, **options):
+    """A `uvicorn.Server` running `app` (what `serve` runs; tests run it in a thread). It stops
+    by itself when the model cannot be loaded at all."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn_config(app, settings, host, port, **options))
+
+    def stop(reason: str) -> None:
+        log.critical("cannot serve model %s: %s", settings.name, reason)
+        server.should_exit = True
+
+    app.state.service.on_fatal = stop
+    return server
 
 
 def serve(
@@ -225,11 +298,10 @@ def serve(
 ) -> int:
     """Runs the service with uvicorn until SIGINT/SIGTERM (what `translator serve` calls).
 
+    Returns 1 when no version of the model could be loaded (the reason is logged), else 0.
     With `PROMETHEUS_MULTIPROC_DIR` set, `/metrics` reports every worker of `--workers N`
     together; the samples a previous run left in that directory are removed first.
     """
-    import uvicorn
-
     if not settings.backend:
         check_export(settings.model)
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -245,10 +317,23 @@ def serve(
     if multiprocess_dir():
         for stale in Path(multiprocess_dir()).glob("*.db"):  # a previous run's samples
             stale.unlink()
-    common = dict(host=host, port=port, access_log=access_log, log_level="info")
+    common = dict(access_log=access_log, log_level="info")
     if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        uvicorn.run("translator.server:app_from_env", factory=True, workers=workers, **common)
-    else:
-        uvicorn.run(create_app(settings=settings), **common)
-    return 0
+        config = uvicorn_config(
+            "translator.server:app_from_env", settings, host, port, factory=True,
+            workers=workers, **common,
+        )  # fmt: skip
+        sock = config.bind_socket()
+        supervisor = Multiprocess(config, sockets=[sock])
+        try:
+            supervisor.run()
+        finally:
+            sock.close()
+        return 1 if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
+    app = create_app(settings=settings)
+    server = uvicorn_server(app, settings, host, port, **common)
+    server.run()
+    return 1 if app.state.service.fatal else 0

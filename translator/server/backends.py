@@ -6,6 +6,8 @@ inputs in, a dict of numpy arrays out, and TF Serving's status and metadata JSON
 
 import json
 import logging
+import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from translator.config import decoding_options, load_config
-from translator.server.errors import BackendError, ModelInputError
+from translator.files import version_dirs
+from translator.server.errors import BackendError, ModelInputError, ModelLoadError
 from translator.server.protocol import DEFAULT_SIGNATURE, TRANSLATE_SIGNATURE
-from translator.server.settings import ServerSettings
+from translator.server.settings import ServerSettings, check_backend_url
 
 log = logging.getLogger("translator.server")
 
@@ -53,8 +56,8 @@ class SignatureInfo:
         return self.text_input is not None and len(self.scalars) + 1 == len(self.inputs)
 
 
-def decoding_defaults(model_dir) -> dict:
-    """`beam_size` and `length_penalty` from an export's config.yaml (else the config defaults)."""
+def _decoding(model_dir) -> dict:
+    """The decoding options of an export's config.yaml (else the config defaults)."""
     decoding = None
     if model_dir is not None:
         path = Path(model_dir)
@@ -62,8 +65,75 @@ def decoding_defaults(model_dir) -> dict:
             if candidate.is_file():
                 decoding = load_config(candidate).decoding
                 break
-    options = decoding_options(decoding)
+    return decoding_options(decoding)
+
+
+def decoding_defaults(model_dir) -> dict:
+    """`beam_size` and `length_penalty` from an export's config.yaml (else the config defaults)."""
+    options = _decoding(model_dir)
     return {"beam_size": options["beam_size"], "length_penalty": options["length_penalty"]}
+
+
+# `translator.inference.Translator`'s `max_source_length`: the graph keeps this many source
+# subwords (end-of-sentence included) and cuts the rest. Not in config.yaml: every export has it.
+MAX_SOURCE_LENGTH = 256
+
+
+@dataclass
+class LengthModel:
+    """How long a text's subwords and its translation can get: what a request costs.
+
+    With the export's SentencePiece model, a text's source length is its exact subword count
+    (the graph tokenizes with the same model); without one (a remote backend with no local
+    export), it is bounded by its characters + 1 (a piece has at least one character; "▁" may
+    stand alone before the first). Either way plus `</s>`, and cut as the graph cuts.
+
+    Args:
+        max_length_ratio, max_length_offset: The export's output limit, ratio x source + offset.
+        max_source_length: Source subwords the graph keeps.
+        sentencepiece: Path of the source side's SentencePiece model, or None.
+    """
+
+    max_length_ratio: float = 2.0
+    max_length_offset: int = 10
+    max_source_length: int = MAX_SOURCE_LENGTH
+    sentencepiece: str | None = None
+    _processor: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_export(cls, model_dir) -> "LengthModel":
+        """The limits of an export directory (base or version directory), if it is local."""
+        if model_dir is None or not Path(model_dir).is_dir():
+            return cls()
+        options = _decoding(model_dir)
+        path = Path(model_dir)
+        spm = None
+        for folder in (path, path.parent):
+            for name in ("spm.model", "spm.source.model"):
+                if (folder / name).is_file():
+                    spm = spm or str(folder / name)
+        return cls(options["max_length_ratio"], options["max_length_offset"], sentencepiece=spm)
+
+    def source_lengths(self, texts: list[str]) -> list[int]:
+        """Each text's source subwords as the graph sees them, `</s>` included."""
+        processor = self._load()
+        if processor is None:
+            counts = [len(text) + 1 for text in texts]
+        else:
+            counts = [len(ids) for ids in processor.encode(texts)]
+        keep = self.max_source_length - 1
+        return [min(n, keep) + 1 for n in counts]
+
+    def output_length(self, source_length: int) -> int:
+        """The most subwords the search may generate for a source of this length."""
+        return math.ceil(self.max_length_ratio * source_length) + self.max_length_offset
+
+    def _load(self):
+        if self._processor is None and self.sentencepiece is not None:
+            import sentencepiece
+
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.sentencepiece)
+        return self._processor
 
 
 def trim_padding(outputs: dict) -> dict:
@@ -99,6 +169,10 @@ class Backend:
     loaded: bool = False
     retry_load: bool = False  # keep trying to load (a remote server may come up later)
     defaults: dict
+    lengths: LengthModel = LengthModel()  # what a request costs; from the export when local
+    # Versions that failed to load -> why (no paths). Never mutated here: a backend that falls
+    # back to an older version sets its own.
+    failed_versions: dict[int, str] = {}
 
     def load(self) -> None:
         raise NotImplementedError
@@ -119,16 +193,28 @@ class Backend:
         return version == self.version
 
     def status(self, version=None) -> dict:
-        """TF Serving's model status JSON (`GET /v1/models/{name}`)."""
-        return {
-            "model_version_status": [
+        """TF Serving's model status JSON (`GET /v1/models/{name}`): the served version
+        AVAILABLE, and each version that failed to load in state END with its error, as TF
+        Serving reports them; only `version` when one is asked for."""
+        entries = {}
+        if self.loaded:
+            entries[int(self.version)] = {
+                "version": str(self.version),
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        for number, message in self.failed_versions.items():
+            entries.setdefault(
+                number,
                 {
-                    "version": str(self.version),
-                    "state": "AVAILABLE",
-                    "status": {"error_code": "OK", "error_message": ""},
-                }
-            ]
-        }
+                    "version": str(number),
+                    "state": "END",
+                    "status": {"error_code": "UNKNOWN", "error_message": message},
+                },
+            )
+        if version is not None:
+            entries = {k: v for k, v in entries.items() if k == int(version)}
+        return {"model_version_status": [entries[k] for k in sorted(entries, reverse=True)]}
 
     def metadata(self, version=None) -> dict:
         """TF Serving's model metadata JSON (`GET /v1/models/{name}/metadata`)."""
@@ -174,6 +260,10 @@ class Backend:
 class SavedModelBackend(Backend):
     """The TF Serving export loaded in-process with `translator.export.load_saved_model`.
 
+    The newest version is served; one that fails to load (or to warm up) is reported and the
+    next older one is tried, as TF Serving serves what it can. When none loads, `load` raises
+    `ModelLoadError`. Errors meant for clients name versions, never filesystem paths.
+
     Args:
         path: The export's base directory (latest version) or one version directory.
         name: The model name served in URLs.
@@ -183,40 +273,66 @@ class SavedModelBackend(Backend):
         self.path = Path(path)
         self.name = name
         self.defaults = decoding_defaults(self.path)
+        self.lengths = LengthModel.from_export(self.path)
+        self.failed_versions = {}
         self._loaded_model = None
         self._signature_defs = None
         self._lock = threading.Lock()
+
+    def _candidates(self) -> list[tuple[int, Path]]:
+        """The version directories to try, newest first."""
+        if (self.path / "saved_model.pb").is_file():
+            name = self.path.name
+            return [(int(name) if name.isdigit() else 1, self.path)]
+        return list(reversed(version_dirs(self.path)))
 
     def load(self) -> None:
         with self._lock:
             if self.loaded:
                 return
-            from google.protobuf import json_format
-            from tensorflow.core.protobuf import saved_model_pb2
-
-            from translator.export import load_saved_model
-
-            started = time.perf_counter()
-            loaded, version_dir = load_saved_model(self.path)
-            proto = saved_model_pb2.SavedModel()
-            proto.ParseFromString((version_dir / "saved_model.pb").read_bytes())
-            defs = {
-                name: json_format.MessageToDict(
-                    sig, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            candidates = self._candidates()
+            if not candidates:
+                raise ModelLoadError(f"model {self.name} has no version to load")
+            for number, version_dir in candidates:
+                started = time.perf_counter()
+                try:
+                    self._load_version(number, version_dir)
+                except Exception as e:  # noqa: BLE001 - reported, then the next version
+                    log.error("version %s of %s (%s) failed to load: %s", number, self.name,
+                              version_dir, e)  # fmt: skip
+                    self.failed_versions[number] = public_reason(e, self.path)
+                    self._loaded_model = self._signature_defs = None
+                    continue
+                self.loaded = True
+                log.info(
+                    "loaded %s version %s and warmed it up in %.1f s",
+                    version_dir,
+                    number,
+                    time.perf_counter() - started,
                 )
-                for name, sig in proto.meta_graphs[0].signature_def.items()
-            }
-            self._loaded_model = loaded
-            self._signature_defs = {"signature_def": defs}
-            self.version = int(version_dir.name) if version_dir.name.isdigit() else 1
-            self.warm_up()
-            self.loaded = True
-            log.info(
-                "loaded %s version %s and warmed it up in %.1f s",
-                version_dir,
-                self.version,
-                time.perf_counter() - started,
+                return
+            reasons = "; ".join(f"version {v}: {self.failed_versions[v]}" for v, _ in candidates)
+            raise ModelLoadError(f"no version of model {self.name} loads ({reasons})")
+
+    def _load_version(self, number: int, version_dir: Path) -> None:
+        from google.protobuf import json_format
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        from translator.export import load_saved_model
+
+        loaded, version_dir = load_saved_model(version_dir)
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+        defs = {
+            name: json_format.MessageToDict(
+                sig, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
             )
+            for name, sig in proto.meta_graphs[0].signature_def.items()
+        }
+        self._loaded_model = loaded
+        self._signature_defs = {"signature_def": defs}
+        self.version = number
+        self.warm_up()
 
     def signature_defs(self) -> dict:
         return self._signature_defs
@@ -241,6 +357,31 @@ def _tf_dtype(name: str):
     return {"DT_INT32": tf.int32, "DT_INT64": tf.int64, "DT_FLOAT": tf.float32}.get(
         name, tf.float64
     )
+
+
+# An absolute path (POSIX or Windows) inside an error message.
+_PATH = re.compile(
+    r"(?:[A-Za-z]:)?[\\/](?:[^\s'\"\\/:;,()\[\]{}<>|]+[\\/])+[^\s'\"\\/:;,()\[\]{}<>|]*"
+)
+
+
+def public_reason(error: BaseException, *paths) -> str:
+    """What went wrong, for clients: the root cause's type and first line (the errors wrapped
+    around it mostly add where it happened), with the given paths and any other absolute path
+    cut out: clients learn a model name, not the server's disk."""
+    seen = {id(error)}
+    while (cause := error.__cause__ or error.__context__) is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        error = cause
+    text = _first_line(str(error)) if str(error) else ""
+    for path in paths:
+        for form in sorted({str(path), str(Path(path).resolve())}, key=len, reverse=True):
+            if form not in ("", "."):
+                text = text.replace(form, "")
+    text = _PATH.sub("<path>", text)
+    text = re.sub(r"\s+", " ", text).strip(" :")
+    reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 def _first_line(message: str) -> str:
@@ -268,6 +409,7 @@ class RemoteBackend(Backend):
     def __init__(self, url: str, name: str, defaults: dict | None = None, timeout: float = 60.0):
         import httpx
 
+        check_backend_url(url)  # no credentials: the URL shows in errors and logs
         self.url = url.rstrip("/")
         self.name = name
         self.defaults = defaults or decoding_defaults(None)
@@ -368,12 +510,17 @@ class RemoteBackend(Backend):
 
 
 def _to_array(value) -> np.ndarray:
-    array = np.array(value, dtype=object)
-    if array.size and all(isinstance(v, str) for v in array.flat):
-        return array
-    if array.size and all(isinstance(v, int) and not isinstance(v, bool) for v in array.flat):
+    """A TF Serving JSON tensor as numpy: strings as objects, ints as int64, numbers as float32
+    (converted in C: an alignment tensor can hold millions of numbers)."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        return np.array(value, dtype=object)
+    if array.dtype.kind == "U":
+        return array.astype(object)
+    if array.dtype.kind in "iu":
         return array.astype(np.int64)
-    if array.size and all(isinstance(v, int | float) for v in array.flat):
+    if array.dtype.kind == "f":
         return array.astype(np.float32)
     return array
 
@@ -383,7 +530,9 @@ def create_backend(settings: ServerSettings) -> Backend:
     if settings.backend:
         model_dir = Path(settings.model)
         defaults = decoding_defaults(model_dir if model_dir.is_dir() else None)
-        return RemoteBackend(
+        backend = RemoteBackend(
             settings.backend, settings.name, defaults, timeout=settings.backend_timeout
         )
+        backend.lengths = LengthModel.from_export(model_dir if model_dir.is_dir() else None)
+        return backend
     return SavedModelBackend(settings.model, settings.name)

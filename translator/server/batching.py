@@ -1,7 +1,9 @@
-"""Micro-batching: concurrent requests with equal options become one blocking model call.
+"""Micro-batching: concurrent requests with equal options become one blocking model call, and
+a large request becomes several.
 
-The batcher knows texts, option keys and row-aligned outputs, nothing of signatures: what the
-outputs mean (and any padding to cut from a request's rows) is the caller's business.
+The batcher knows texts, their costs, option keys, deadlines and row-aligned outputs, nothing of
+signatures: what the outputs mean (and any padding to cut from a request's rows) is the caller's
+business.
 """
 
 import asyncio
@@ -10,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,24 +23,59 @@ from translator.server.metrics import Metrics
 log = logging.getLogger("translator.server")
 
 
-@dataclass
-class _Item:
-    key: tuple
+@dataclass(eq=False)
+class _Request:
+    key: tuple  # (signature, version, scalar inputs): what may share a model call
     texts: list[str]
+    costs: list[int]
+    chunks: list[tuple[int, int]]  # the [start, stop) rows of each of its model calls
     future: asyncio.Future
+    timeout: float | None
+    deadline: float | None  # event-loop time
+    parts: list[dict] = field(default_factory=list)  # outputs of the chunks done so far
+
+
+@dataclass(eq=False)
+class _Item:
+    """One chunk of a request: waiting for, or in, a model call."""
+
+    request: _Request
+    start: int
+    stop: int
+
+    @property
+    def key(self) -> tuple:
+        return self.request.key
+
+    @property
+    def texts(self) -> list[str]:
+        return self.request.texts[self.start : self.stop]
+
+    @property
+    def cost(self) -> int:
+        return sum(self.request.costs[self.start : self.stop])
+
+    @property
+    def live(self) -> bool:
+        return not self.request.future.done()
 
 
 class MicroBatcher:
-    """Merges concurrent requests with equal decoding options into one model call.
+    """Merges concurrent requests with equal decoding options into model calls of bounded size,
+    and splits requests larger than one call.
 
-    One worker task takes the oldest waiting request, adds every waiting request with the same
-    key (signature, version, scalar inputs) while the batch holds at most `max_batch_size`
-    texts, waits up to `max_wait` seconds for more when the queue runs dry, and runs the
-    blocking model call on a single thread. Each request gets back only its own rows, in order.
-    A request is never split; one larger than `max_batch_size` runs alone.
+    A request is cut into chunks of at most `max_batch_size` texts and `max_batch_cost` cost;
+    only its first chunk waits in the queue, and each next one joins the back of the queue when
+    the previous is done, so a short request that arrives behind a large one waits for one
+    chunk, not for all of them. One worker task takes the oldest waiting chunk, adds waiting
+    chunks with the same key (signature, version, scalar inputs) while the call stays within
+    both limits, waits up to `max_wait` seconds for more when the queue runs dry, and runs the
+    blocking model call on a single thread. Each request gets back its own rows, in order.
 
-    If a merged call fails, each request is retried alone, so one bad request cannot fail the
-    others.
+    If a merged call fails on one request's input, each request is retried alone, so one bad
+    request cannot fail the others. A request whose deadline passes gets a 504 at once; its
+    chunks still queued are dropped, never run. A request whose caller is cancelled (its
+    client left) is dropped from the queue.
 
     Args:
         run: The blocking model call, `run(signature, version, texts, scalars) -> outputs`,
@@ -47,6 +84,7 @@ class MicroBatcher:
         max_wait: Seconds to wait for more requests when the queue runs dry.
         max_queue: Requests waiting before `submit` refuses with a 503.
         metrics: Where batch sizes, model-call durations, errors and the queue depth go.
+        max_batch_cost: Cost per call (None: no limit); a text costing more runs alone.
     """
 
     def __init__(
@@ -56,20 +94,29 @@ class MicroBatcher:
         max_wait: float = 0.002,
         max_queue: int = 256,
         metrics: Metrics | None = None,
+        max_batch_cost: int | None = None,
     ):
         self._run = run
         self.max_batch_size = max_batch_size
+        self.max_batch_cost = max_batch_cost
         self.max_wait = max_wait
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._items: deque[_Item] = deque()
+        self._running: list[_Item] = []
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self.closing = False
 
     @property
     def depth(self) -> int:
+        """Requests waiting for a model call (not counting the one running)."""
         return len(self._items)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.max_queue
 
     def _queue_changed(self) -> None:
         self.metrics.queue_depth.set(len(self._items))
@@ -78,7 +125,21 @@ class MicroBatcher:
         self._event = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
+    def begin_shutdown(self) -> None:
+        """Refuses new work and answers every queued request 503 (Retry-After) at once; the
+        model call that is running finishes, and its requests get their answers."""
+        if self.closing:
+            return
+        self.closing = True
+        error = ApiError(503, "the server is shutting down: retry on another instance")
+        for item in self._items:
+            _settle(item.request, error)
+        self._items.clear()
+        self._queue_changed()
+
     async def stop(self) -> None:
+        """Stops the worker; every request still waiting (queued or in a model call) gets 503."""
+        self.begin_shutdown()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -86,15 +147,31 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for item in self._items:
-            if not item.future.done():
-                item.future.set_exception(ApiError(503, "the server is shutting down"))
+        error = ApiError(503, "the server is shutting down")
+        for item in [*self._items, *self._running]:
+            _settle(item.request, error)
         self._items.clear()
+        self._running = []
         self._queue_changed()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, signature: str, version, texts: list[str], scalars: dict) -> dict:
-        """Queues one request and returns its rows of the outputs."""
+    async def submit(
+        self,
+        signature: str,
+        version,
+        texts: list[str],
+        scalars: dict,
+        costs: list[int] | None = None,
+        timeout: float | None = None,
+    ) -> dict:
+        """Queues one request and returns its rows of the outputs.
+
+        Args:
+            costs: Each text's cost (what `max_batch_cost` bounds); default 0 each.
+            timeout: Seconds until the request's deadline: then it is answered 504.
+        """
+        if self.closing:
+            raise ApiError(503, "the server is shutting down: retry on another instance")
         if self._task is None or self._task.done():
             raise ApiError(503, "the model worker is not running")
         if len(self._items) >= self.max_queue:
@@ -102,43 +179,109 @@ class MicroBatcher:
             raise ApiError(
                 503, f"the server is overloaded ({self.max_queue} requests waiting): retry later"
             )
-        key = (signature, version, tuple(sorted(scalars.items())))
-        item = _Item(key, list(texts), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        texts = list(texts)
+        costs = list(costs) if costs is not None else [0] * len(texts)
+        request = _Request(
+            key=(signature, version, tuple(sorted(scalars.items()))),
+            texts=texts,
+            costs=costs,
+            chunks=split_rows(costs, self.max_batch_size, self.max_batch_cost),
+            future=loop.create_future(),
+            timeout=timeout,
+            deadline=None if timeout is None else loop.time() + timeout,
+        )
+        self._enqueue(_Item(request, *request.chunks[0]))
+        try:
+            return await asyncio.wait_for(asyncio.shield(request.future), timeout)
+        except TimeoutError:
+            self._expire(request)
+            return request.future.result()  # the 504, unless the answer came at that instant
+        except asyncio.CancelledError:  # the caller went away (its client disconnected)
+            if not request.future.done():
+                request.future.cancel()
+            self._drop(request)
+            raise
+
+    def _enqueue(self, item: _Item) -> None:
         self._items.append(item)
         self._queue_changed()
         self._event.set()
-        return await item.future
 
-    def _take(self, key: tuple, room: int) -> list[_Item]:
+    def _drop(self, request: _Request) -> None:
+        """Removes a request's queued chunk (its client left before it ran)."""
+        kept = deque(item for item in self._items if item.request is not request)
+        if len(kept) != len(self._items):
+            self.metrics.abandoned.inc()
+            self._items = kept
+            self._queue_changed()
+
+    def _expire(self, request: _Request) -> None:
+        """Answers 504 for a request whose deadline passed (once)."""
+        if request.future.done():
+            return
+        self.metrics.deadline_exceeded.inc()
+        request.future.set_exception(
+            ApiError(
+                504,
+                f"the request's deadline of {request.timeout:g} s passed before its "
+                "translation was done: retry with fewer texts, a smaller beam_size or a "
+                "longer timeout (--request-timeout is the longest)",
+            )
+        )
+
+    def _usable(self, item: _Item, now: float) -> bool:
+        """Whether a queued chunk is worth running: its request still waits, within time."""
+        request = item.request
+        if request.deadline is not None and now >= request.deadline:
+            self._expire(request)
+        return item.live
+
+    def _take(self, key: tuple, rows: int, cost: int | None, now: float) -> list[_Item]:
         taken, kept = [], deque()
         while self._items:
             item = self._items.popleft()
-            if item.key == key and len(item.texts) <= room:
+            if not self._usable(item, now):
+                continue
+            fits = len(item.texts) <= rows and (cost is None or item.cost <= cost)
+            if item.key == key and fits:
                 taken.append(item)
-                room -= len(item.texts)
+                rows -= len(item.texts)
+                if cost is not None:
+                    cost -= item.cost
             else:
                 kept.append(item)
         self._items = kept
         self._queue_changed()
         return taken
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _next(self, loop) -> _Item:
+        """The oldest queued chunk still worth running."""
         while True:
             while not self._items:
                 self._event.clear()
                 await self._event.wait()
-            first = self._items.popleft()
+            item = self._items.popleft()
             self._queue_changed()
+            if self._usable(item, loop.time()):
+                return item
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(loop)
             batch = [first]
-            room = self.max_batch_size - len(first.texts)
-            deadline = loop.time() + self.max_wait
-            while room > 0:
-                more = self._take(first.key, room)
+            rows = self.max_batch_size - len(first.texts)
+            cost = None if self.max_batch_cost is None else self.max_batch_cost - first.cost
+            wait_until = loop.time() + self.max_wait
+            while rows > 0 and (cost is None or cost > 0):
+                more = self._take(first.key, rows, cost, loop.time())
                 batch += more
-                room -= sum(len(item.texts) for item in more)
-                timeout = deadline - loop.time()
-                if room <= 0 or timeout <= 0:
+                rows -= sum(len(item.texts) for item in more)
+                if cost is not None:
+                    cost -= sum(item.cost for item in more)
+                timeout = wait_until - loop.time()
+                if rows <= 0 or timeout <= 0 or (cost is not None and cost <= 0):
                     break
                 if not more:
                     self._event.clear()
@@ -146,13 +289,16 @@ class MicroBatcher:
                         await asyncio.wait_for(self._event.wait(), timeout)
                     except TimeoutError:
                         pass
-            batch = [item for item in batch if not item.future.done()]  # drop cancelled ones
+            batch = [item for item in batch if item.live]  # its caller may have left meanwhile
             if batch:
+                self._running = batch
                 try:
                     await self._run_batch(loop, batch)
                 except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
                     log.exception("model batch failed")
                     _fail(batch, e)
+                finally:
+                    self._running = []
 
     async def _run_batch(self, loop, batch: list[_Item]) -> None:
         signature, version, scalars = batch[0].key
@@ -166,7 +312,8 @@ class MicroBatcher:
             if len(batch) > 1 and isinstance(e, ModelInputError):
                 # One request's input broke the merged call: find it, every request alone.
                 for item in batch:
-                    await self._run_batch(loop, [item])
+                    if item.live:
+                        await self._run_batch(loop, [item])
                 return
             # Anything else (the backend is down, a timeout) would fail every request alike.
             self.metrics.model_errors.inc()
@@ -182,13 +329,74 @@ class MicroBatcher:
         start = 0
         for item in batch:
             stop = start + len(item.texts)
-            if not item.future.done():
-                item.future.set_result({k: v[start:stop] for k, v in outputs.items()})
+            part = {k: v[start:stop] if np.ndim(v) else v for k, v in outputs.items()}
+            self._done(item, part)
             start = stop
+
+    def _done(self, item: _Item, part: dict) -> None:
+        """One chunk's rows: the request's answer when it was the last, else its next chunk
+        joins the back of the queue."""
+        request = item.request
+        if request.future.done():
+            return
+        request.parts.append(part)
+        if len(request.parts) == len(request.chunks):
+            request.future.set_result(concatenate_rows(request.parts))
+        elif self.closing:
+            _settle(request, ApiError(503, "the server is shutting down: retry later"))
+        else:
+            self._enqueue(_Item(request, *request.chunks[len(request.parts)]))
+
+
+def split_rows(costs: list[int], max_rows: int, max_cost: int | None) -> list[tuple[int, int]]:
+    """Consecutive `[start, stop)` ranges of at most `max_rows` rows and `max_cost` cost each
+    (a row costing more than `max_cost` alone is a range of its own)."""
+    chunks, start, total = [], 0, 0
+    for i, cost in enumerate(costs):
+        if i > start and (
+            i - start >= max_rows or (max_cost is not None and total + cost > max_cost)
+        ):
+            chunks.append((start, i))
+            start, total = i, 0
+        total += cost
+    chunks.append((start, len(costs)))
+    return chunks
+
+
+def concatenate_rows(parts: list[dict]) -> dict:
+    """The outputs of several calls as one: row-aligned arrays concatenated (padded with zeros
+    or empty strings to the longest of each dimension), scalars from the first."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for key, first in parts[0].items():
+        values = [part[key] for part in parts]
+        if np.ndim(first) == 0:
+            out[key] = first
+            continue
+        inner = tuple(np.max([np.shape(v)[1:] for v in values], axis=0).tolist())
+        out[key] = np.concatenate([_pad(np.asarray(v), inner) for v in values])
+    return out
+
+
+def _pad(array: np.ndarray, inner: tuple) -> np.ndarray:
+    if array.shape[1:] == inner:
+        return array
+    if array.dtype == object:
+        fill = type(array.flat[0])() if array.size else b""
+        padded = np.full((array.shape[0], *inner), fill, dtype=object)
+    else:
+        padded = np.zeros((array.shape[0], *inner), dtype=array.dtype)
+    padded[(slice(None), *(slice(0, n) for n in array.shape[1:]))] = array
+    return padded
+
+
+def _settle(request: _Request, error: Exception) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)
 
 
 def _fail(batch: list[_Item], error: Exception) -> None:
     """Hands `error` to every request of `batch` still waiting."""
     for item in batch:
-        if not item.future.done():
-            item.future.set_exception(error)
+        _settle(item.request, error)

@@ -20,6 +20,11 @@ class ModelInputError(Exception):
     """The model (or the TF Serving backend) rejected an input: a 400."""
 
 
+class ModelLoadError(Exception):
+    """No version of the model loads: permanent, so `translator serve` exits. The message names
+    the model and its versions, never a filesystem path (it reaches clients)."""
+
+
 class BackendError(Exception):
     """The backend answered an error; `status` is the HTTP status to pass on."""
 
@@ -29,8 +34,15 @@ class BackendError(Exception):
         self.message = message
 
 
+# Every 503 says when to come back (overload, loading, shutting down): a client or proxy that
+# honours it retries soon, one that does not is no worse off.
+RETRY_AFTER = {"Retry-After": "1"}
+
+
 def error_response(status: int, message: str, details=None, headers=None) -> JSONResponse:
-    """The JSON error body every 4xx and 5xx of the service has."""
+    """The JSON error body every 4xx and 5xx of the service has; a 503 has `Retry-After`."""
+    if status == 503:
+        headers = {**RETRY_AFTER, **(headers or {})}
     body: dict[str, Any] = {"error": message}
     if details:
         body["details"] = details

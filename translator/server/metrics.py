@@ -77,6 +77,29 @@ class Metrics:
         self.rejected_overload = Counter(
             "translator_rejected_overload", "Requests refused: queue full.", registry=registry
         )
+        self.rejected_budget = Counter(
+            "translator_rejected_budget",
+            "Requests refused (413): over a cost or alignment limit, by limit.",
+            ("limit",),
+            registry=registry,
+        )
+        self.deadline_exceeded = Counter(
+            "translator_deadline_exceeded",
+            "Requests answered 504: their deadline passed before their work was done.",
+            registry=registry,
+        )
+        self.abandoned = Counter(
+            "translator_abandoned",
+            "Requests whose client left while their work was queued (dropped, not run).",
+            registry=registry,
+        )
+        self.version_load_failed = Gauge(
+            "translator_model_version_load_failed",
+            "1 for each model version that failed to load (an older one is served instead).",
+            ("version",),
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.queue_depth = Gauge(
             "translator_queue_depth",
             "Requests waiting for the model.",

@@ -1,6 +1,8 @@
 """The HTTP layer around the routes: body size limit, request metrics, the JSON body check
 (a dependency of the POST routes) and the exception handlers that give every error as JSON."""
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +22,11 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 class RequestMetricsMiddleware:
-    """Records every request's route, method, status and duration (outermost middleware)."""
+    """Records every request's route, method, status and duration (outermost middleware).
+
+    A request still running when the server stops waiting for it (uvicorn cancels it after
+    --shutdown-timeout) is answered 503 with Retry-After, if nothing was sent yet.
+    """
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -42,6 +48,14 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
             failed = False
+        except asyncio.CancelledError:
+            if status[0] is not None:
+                raise
+            response = error_response(
+                503, "the server is shutting down: retry later", headers={"Connection": "close"}
+            )
+            await response(scope, _no_receive, send_status)
+            failed = False
         finally:
             if status[0] is None:  # no response: the app failed, or the client left mid-body
                 status[0] = 500 if failed else CLIENT_CLOSED_REQUEST
@@ -53,33 +67,69 @@ class RequestMetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_body_bytes` (413) before anything reads them.
+    """Reads a request body whole before the app sees it: over `max_body_bytes` it is refused
+    (413), and a body that does not arrive within `body_timeout` seconds gets a 408 and the
+    connection is closed (a client trickling its body holds nothing for long).
 
-    The body is read whole here and replayed to the app; a client that leaves mid-body gets
-    no response (and the app is not called).
+    While the app runs, the middleware listens for the client going away: then the app is
+    cancelled, so work queued for a client that left is dropped (and counted as 499), not run.
+    A client that leaves mid-body gets no response (and the app is not called).
     """
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, body_timeout: float | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        body = await self._read_body(scope, receive, send)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await self._read_body(scope, receive, send)
+        except TimeoutError:
+            message = f"the request body was not received within {self.body_timeout:g} s"
+            response = error_response(408, message, headers={"Connection": "close"})
+            await response(scope, _no_receive, send)
+            return
         if body is None:
             return
-        delivered = False
+        await self._run(scope, body, receive, send)
+
+    async def _run(self, scope, body: bytes, receive, send) -> None:
+        """The app with the body replayed, cancelled if the client disconnects meanwhile."""
+        delivered, finished = False, False
+        listener = asyncio.ensure_future(_disconnect(receive))
 
         async def replay():
             nonlocal delivered
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            return await asyncio.shield(listener)
 
-        await self.app(scope, replay, send)
+        async def sending(message):
+            nonlocal finished
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        app = asyncio.ensure_future(self.app(scope, replay, sending))
+        try:
+            await asyncio.wait({app, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if not app.done() and not finished:
+                app.cancel()  # the client left: drop its queued work
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app
+                return
+            await app
+        finally:
+            for task in (app, listener):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
         limit = self.max_body_bytes
@@ -106,6 +156,14 @@ class BodyLimitMiddleware:
             413, f"the request body is larger than the limit of {self.max_body_bytes} bytes"
         )
         await response(scope, _no_receive, send)
+
+
+async def _disconnect(receive) -> dict:
+    """Waits for the client to go away (the body has been read: nothing else is to come)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return message
 
 
 async def _no_receive():

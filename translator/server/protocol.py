@@ -1,6 +1,9 @@
 """The service's request and response models (pydantic), and how tensors become JSON values."""
 
+import json
 import math
+import re
+import secrets
 from typing import Annotated, Any
 
 import numpy as np
@@ -12,6 +15,12 @@ from translator.server.settings import ServerSettings
 DEFAULT_SIGNATURE = "serving_default"
 TRANSLATE_SIGNATURE = "translate"
 LENGTH_PENALTY_BOUNDS = field_bounds(DecodingConfig, "length_penalty")
+ALIGNMENT_DECIMALS = 5  # attention weights in responses: 0.12346, not 0.123456789
+Timeout = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+TIMEOUT_DESCRIPTION = (
+    "Seconds this request may wait and run before it is answered 504 (default and maximum: "
+    "the server's --request-timeout)."
+)
 
 
 def valid_unicode(text: str) -> str:
@@ -40,10 +49,18 @@ class ModelInfo(BaseModel):
     version: str
 
 
+class VersionFailure(BaseModel):
+    version: str
+    error: str = Field(description="Why it failed to load (the model is named, no paths).")
+
+
 class Health(BaseModel):
     status: str
     error: str | None = None
     model: ModelInfo | None = None
+    failed_versions: list[VersionFailure] | None = Field(
+        None, description="Versions that failed to load; an older one is served instead."
+    )
 
 
 # -- /v1/translate -----------------------------------------------------------------------------
@@ -122,6 +139,7 @@ def translate_request_model(settings: ServerSettings) -> type[BaseModel]:
         return_alignment: Annotated[bool, Field(strict=True)] = Field(
             False, description="Also return subword tokens and attention weights."
         )
+        timeout: Timeout = Field(None, description=TIMEOUT_DESCRIPTION)
 
         @model_validator(mode="after")
         def _check(self):
@@ -167,6 +185,14 @@ class PredictRequest(BaseModel):
     )
     instances: list[Any] | None = Field(None, description="Row format: one entry per input.")
     inputs: Any = Field(None, description="Columnar format: a list, or an object of tensors.")
+    # Extensions of TF Serving's REST request (its gRPC PredictRequest has output_filter).
+    output_filter: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Only these outputs (e.g. leave out `alignments`, which cost n_best x "
+        "target x source numbers per text); default: every output, as TF Serving.",
+    )
+    timeout: Timeout = Field(None, description=TIMEOUT_DESCRIPTION)
 
 
 class PredictResponse(BaseModel):
@@ -207,6 +233,52 @@ def jsonable(array: np.ndarray):
         # float32 -> its shortest decimal string -> float64: 0.1f prints as 0.1, not 0.10000000149.
         return array.astype(str).astype(np.float64).tolist()
     return array.tolist()
+
+
+def float_array_json(array, decimals: int) -> str:
+    """A float tensor as compact JSON text, rounded to `decimals`, built one innermost row at a
+    time: a few bytes per number while encoding, never a Python object per number for the
+    whole tensor (nested `tolist()` of a [B, N, T, S] alignment costs ~30 bytes a number, a
+    numpy string array 128). NaN and infinities are written as TF Serving writes them."""
+    array = np.asarray(array)
+    if array.ndim == 0 or array.size == 0:
+        return json.dumps(np.round(array.astype(np.float64), decimals).tolist(), allow_nan=True)
+    rows = array.reshape(-1, array.shape[-1])
+    pieces = [
+        json.dumps(np.round(row.astype(np.float64), decimals).tolist(), allow_nan=True,
+                   separators=(",", ":"))
+        for row in rows
+    ]  # fmt: skip
+    for size in reversed(array.shape[:-1]):
+        pieces = ["[" + ",".join(pieces[i : i + size]) + "]" for i in range(0, len(pieces), size)]
+    return pieces[0]
+
+
+class RawJSON:
+    """JSON text to embed as it is in what `dumps` writes (e.g. from `float_array_json`)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def dumps(value, allow_nan: bool = False) -> bytes:
+    """`value` as compact UTF-8 JSON, with every `RawJSON` inside it written verbatim."""
+    raws: list[str] = []
+    nonce = secrets.token_hex(8)  # placeholders no text of a request can forge
+
+    def default(item):
+        if isinstance(item, RawJSON):
+            raws.append(item.text)
+            return f"\x00{nonce}:{len(raws) - 1}\x00"
+        raise TypeError(f"{type(item).__name__} is not JSON serializable")
+
+    text = json.dumps(
+        value, ensure_ascii=False, allow_nan=allow_nan, separators=(",", ":"), default=default
+    )
+    if raws:
+        placeholder = re.compile(rf'"\\u0000{nonce}:(\d+)\\u0000"')
+        text = placeholder.sub(lambda m: raws[int(m.group(1))], text)
+    return text.encode("utf-8", "backslashreplace")
 
 
 def finite(value) -> float | None:

@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,9 +16,15 @@ MAX_BEAM_SIZE = field_bounds(DecodingConfig, "beam_size")[1]
 
 
 class ServerSettings(BaseModel):
-    """What `translator serve` is told: the model, the backend, and the service's limits."""
+    """What `translator serve` is told: the model, the backend, and the service's limits.
 
-    model_config = ConfigDict(extra="forbid")
+    The README's REST section has every limit in a table, with its flag and the status a
+    request over it gets. Costs are in decoding steps: texts x beam size x the maximum output
+    length of each text (the export's `max_length_ratio` x source subwords + `max_length_offset`).
+    """
+
+    # Error messages never repeat the input: a refused --backend URL may hold a password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     model: str = Field(
         "saved_models/en-fr",
@@ -39,6 +46,25 @@ class ServerSettings(BaseModel):
     max_beam_size: int = Field(
         16, ge=1, le=MAX_BEAM_SIZE, description="Largest beam_size accepted."
     )
+    # A request's cost: the sum over its texts of beam size x maximum output length. 65,536
+    # admits 64 ordinary sentences at beam 16, or 7 texts of 1,000 characters at beam 16.
+    max_request_cost: int = Field(
+        65536, ge=1, description="Decoding steps per request (texts x beam x output length)."
+    )
+    # One model call's cost (merged requests, or one part of a split request). What a short
+    # request may have to wait behind; a text costing more than this alone is refused.
+    max_batch_cost: int = Field(16384, ge=1, description="Decoding steps per model call.")
+    # Attention weights returned per request: n_best x target x source subwords per text.
+    max_alignment_values: int = Field(1 << 20, ge=1, description="Alignment numbers per response.")
+    request_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait and run (default and maximum)."
+    )
+    header_timeout: float = Field(10.0, gt=0, description="Seconds to receive request headers.")
+    body_timeout: float = Field(30.0, gt=0, description="Seconds to receive a request body.")
+    max_connections: int = Field(512, ge=1, description="Open connections per process.")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds to finish running work at shutdown."
+    )
     backend_timeout: float = Field(60.0, gt=0, description="Seconds per call to the backend.")
 
     @property
@@ -58,14 +84,34 @@ class ServerSettings(BaseModel):
                 f"model name {self.name!r} (from --model) is not a valid URL model name: pass "
                 "--model-name with letters, digits, '.', '_' or '-'"
             )
-        if self.backend is not None and not re.match(r"^https?://[^/\s]+/?$", self.backend):
-            raise ValueError(
-                f"--backend must be a TF Serving REST base URL such as http://127.0.0.1:8501, "
-                f"got {self.backend!r}"
-            )
+        if self.backend is not None:
+            check_backend_url(self.backend)
         return self
 
     @classmethod
     def default(cls, field: str):
         """A field's default value (what the CLI shows and uses when an option is not given)."""
         return cls.model_fields[field].default
+
+
+def check_backend_url(url: str) -> None:
+    """A ValueError unless `url` is a bare TF Serving REST base URL (`http[s]://host[:port]`).
+
+    Credentials, paths, queries and fragments are refused, and the message never repeats the
+    URL: whatever follows the scheme may be a secret.
+    """
+    usage = "--backend must be a TF Serving REST base URL such as http://127.0.0.1:8501"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        raise ValueError(f"{usage}: this one does not parse") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", url):
+        raise ValueError(f"{usage}: it needs http:// or https:// and a host")
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"{usage}, without credentials (user:password@): they would show in logs and "
+            "errors. Put an authenticating proxy on loopback in front of TF Serving instead"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.rstrip().endswith("?"):
+        raise ValueError(f"{usage}, without a path, query or fragment")

@@ -10,14 +10,16 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from translator.server.backends import SignatureInfo
 from translator.server.errors import ApiError
 from translator.server.middleware import require_json_object
 from translator.server.protocol import (
+    ALIGNMENT_DECIMALS,
     DEFAULT_SIGNATURE,
     LENGTH_PENALTY_BOUNDS,
     ErrorBody,
@@ -25,6 +27,9 @@ from translator.server.protocol import (
     ModelStatusResponse,
     PredictRequest,
     PredictResponse,
+    RawJSON,
+    dumps,
+    float_array_json,
     jsonable,
     valid_unicode,
 )
@@ -38,15 +43,17 @@ NOT_FOUND = {404: {"model": ErrorBody, "description": "No such model or version.
 router = APIRouter()
 
 
-class PredictJSONResponse(JSONResponse):
-    """TF Serving writes NaN and Infinity as bare tokens; so does this response."""
+# Outputs written rounded (attention weights: a large tensor where 5 decimals are plenty).
+ROUNDED_OUTPUTS = {"alignments": ALIGNMENT_DECIMALS}
+# Outputs that hold one number per hypothesis x target x source subword.
+ALIGNMENT_OUTPUTS = ("alignments",)
 
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=False, allow_nan=True).encode("utf-8")
 
-
-def check_model(state: ServiceState, name: str, version: str | None) -> int | None:
-    """The version number asked for, once the model name and version are known to exist."""
+def check_model(
+    state: ServiceState, name: str, version: str | None, failed_too: bool = False
+) -> int | None:
+    """The version number asked for, once the model name and version are known to exist
+    (`failed_too`: also a version that failed to load, whose status says why)."""
     if ":" in name:  # GET /v1/models/x:predict
         raise ApiError(405, f"use POST for {name}", headers={"Allow": "POST"})
     if not re.match(NAME_PATTERN, name):
@@ -56,6 +63,8 @@ def check_model(state: ServiceState, name: str, version: str | None) -> int | No
     backend = state.backend
     if name != backend.name:
         raise ApiError(404, f"Servable not found for request: {spec}")
+    if failed_too and number is not None and number in backend.failed_versions:
+        return number
     state.require_ready()
     if number is not None and not backend.serves_version(number):
         raise ApiError(404, f"Servable not found for request: {spec}")
@@ -83,8 +92,17 @@ METADATA = dict(
 async def predict(state: ServiceState, name: str, version: str | None, body: PredictRequest):
     number = check_model(state, name, version)
     call = parse_predict(body, state.backend.signatures(), state.settings)
-    outputs = await state.predict(call.signature.name, number, call.texts, call.scalars)
-    return PredictJSONResponse(format_predict(call, outputs))
+    alignments = any(k in ALIGNMENT_OUTPUTS for k in call.outputs)
+    outputs = await state.predict(
+        call.signature.name,
+        number,
+        call.texts,
+        call.scalars,
+        alignments=int(call.scalars.get("n_best", 1)) if alignments else 0,
+        padded=True,
+        timeout=body.timeout,
+    )
+    return Response(await state.off_loop(encode_predict, call, outputs), media_type=JSON)
 
 
 @router.post("/v1/models/{name}:predict", **PREDICT)
@@ -104,7 +122,8 @@ async def status_latest(name: ModelName, state: Service):
 
 @router.get("/v1/models/{name}/versions/{version}", **STATUS)
 async def status_version(name: ModelName, version: Version, state: Service):
-    return await state.call_backend(state.backend.status, check_model(state, name, version))
+    number = check_model(state, name, version, failed_too=True)
+    return await state.call_backend(state.backend.status, number)
 
 
 @router.get("/v1/models/{name}/metadata", **METADATA)
@@ -120,12 +139,16 @@ async def metadata_version(name: ModelName, version: Version, state: Service):
 # -- the request format ------------------------------------------------------------------------
 
 
+JSON = "application/json"
+
+
 @dataclass
 class PredictCall:
     signature: SignatureInfo
     texts: list[str]
     scalars: dict[str, Any]
     row_format: bool
+    outputs: tuple[str, ...] = ()  # the outputs to return (output_filter); () means every one
 
 
 def _string_value(value, where: str, limits: ServerSettings) -> str:
@@ -218,8 +241,20 @@ def parse_predict(
     if not has_instances and not has_inputs:
         raise ApiError(400, "Missing 'inputs' or 'instances' key")
     if has_instances:
-        return _parse_instances(body.instances, signature, limits)
-    return _parse_inputs(body.inputs, signature, limits)
+        call = _parse_instances(body.instances, signature, limits)
+    else:
+        call = _parse_inputs(body.inputs, signature, limits)
+    call.outputs = tuple(signature.outputs)
+    if body.output_filter is not None:
+        unknown = sorted(set(body.output_filter) - set(signature.outputs))
+        if unknown:
+            raise ApiError(
+                400,
+                f"output_filter: unknown output(s) {unknown} of signature {name!r}: it has "
+                f"{sorted(signature.outputs)}",
+            )
+        call.outputs = tuple(k for k in signature.outputs if k in body.output_filter)
+    return call
 
 
 def _parse_instances(instances, signature: SignatureInfo, limits: ServerSettings) -> PredictCall:
@@ -307,9 +342,17 @@ def _check_count(n: int, limits: ServerSettings) -> None:
 
 
 def format_predict(call: PredictCall, outputs: dict) -> dict:
-    """The outputs in the request's format: `predictions` (rows) or `outputs` (columns)."""
-    names = [k for k in call.signature.outputs if k in outputs] or sorted(outputs)
-    columns = {k: jsonable(outputs[k]) for k in names}
+    """The outputs in the request's format: `predictions` (rows) or `outputs` (columns).
+
+    Only the outputs `call` asks for (its output_filter); large float outputs (`alignments`)
+    rounded and pre-encoded, one row at a time (`float_array_json`).
+    """
+    wanted = call.outputs or tuple(call.signature.outputs)
+    names = [k for k in wanted if k in outputs] or sorted(outputs)
+    if call.row_format:
+        columns = {k: jsonable(_rounded(k, outputs[k])) for k in names}
+    else:
+        columns = {k: _column(k, outputs[k]) for k in names}
     if call.row_format:
         if len(names) == 1:
             return {"predictions": columns[names[0]]}
@@ -318,3 +361,22 @@ def format_predict(call: PredictCall, outputs: dict) -> dict:
     if len(names) == 1:
         return {"outputs": columns[names[0]]}
     return {"outputs": columns}
+
+
+def encode_predict(call: PredictCall, outputs: dict) -> bytes:
+    """The response body: TF Serving writes NaN and Infinity as bare tokens, and so does this."""
+    return dumps(format_predict(call, outputs), allow_nan=True)
+
+
+def _rounded(name: str, array):
+    decimals = ROUNDED_OUTPUTS.get(name)
+    if decimals is None or np.asarray(array).dtype.kind != "f":
+        return array
+    return np.round(np.asarray(array, dtype=np.float64), decimals)
+
+
+def _column(name: str, array):
+    decimals = ROUNDED_OUTPUTS.get(name)
+    if decimals is not None and np.asarray(array).dtype.kind == "f":
+        return RawJSON(float_array_json(array, decimals))
+    return jsonable(array)

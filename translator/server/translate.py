@@ -5,28 +5,33 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from translator.server.errors import ApiError
 from translator.server.middleware import require_json_object
 from translator.server.protocol import (
+    ALIGNMENT_DECIMALS,
     DEFAULT_SIGNATURE,
     TRANSLATE_SIGNATURE,
     ErrorBody,
+    RawJSON,
     TranslateResponse,
+    dumps,
     finite,
+    float_array_json,
     text_items,
     translate_request_model,
 )
 from translator.server.service import Service, ServiceState
 from translator.server.settings import ServerSettings
 
-ALIGNMENT_DECIMALS = 5
 
+async def translate(body: BaseModel, state: ServiceState) -> Response:
+    """Translates `body.text` or `body.texts`: the plain signature unless options are given.
 
-async def translate(body: BaseModel, state: ServiceState) -> JSONResponse:
-    """Translates `body.text` or `body.texts`: the plain signature unless options are given."""
+    The model sees the rows of one `state.predict` (which admits them by cost, within the
+    request's deadline); the response is formatted and encoded on a worker thread."""
     state.require_ready()
     backend = state.backend
     texts = [body.text] if body.texts is None else list(body.texts)
@@ -46,13 +51,7 @@ async def translate(body: BaseModel, state: ServiceState) -> JSONResponse:
         and not body.return_alignment
     )
     if plain:
-        outputs = await state.predict(DEFAULT_SIGNATURE, None, texts, {})
-        translations = [
-            {"text": t, "score": finite(s)}
-            for t, s in zip(
-                text_items(outputs["translation"]), outputs["score"].tolist(), strict=True
-            )
-        ]
+        outputs = await state.predict(DEFAULT_SIGNATURE, None, texts, {}, timeout=body.timeout)
     else:
         alpha = body.length_penalty
         scalars = {
@@ -60,13 +59,33 @@ async def translate(body: BaseModel, state: ServiceState) -> JSONResponse:
             "n_best": body.n_best,
             "length_penalty": float(alpha if alpha is not None else defaults["length_penalty"]),
         }
-        outputs = await state.predict(TRANSLATE_SIGNATURE, None, texts, scalars)
-        translations = [
-            _translation(outputs, row, body.n_best, body.return_alignment)
-            for row in range(len(texts))
-        ]
+        outputs = await state.predict(
+            TRANSLATE_SIGNATURE,
+            None,
+            texts,
+            scalars,
+            alignments=int(body.return_alignment),
+            timeout=body.timeout,
+        )
     model = {"name": backend.name, "version": str(backend.version)}
-    return JSONResponse({"translations": translations, "model": model})
+    options = (plain, body.n_best, body.return_alignment)
+    content = await state.off_loop(_encode, outputs, len(texts), options, model)
+    return Response(content, media_type="application/json")
+
+
+def _encode(outputs: dict, rows: int, options: tuple, model: dict) -> bytes:
+    """The response body (on a worker thread: alignments can be large)."""
+    plain, n_best, return_alignment = options
+    if plain:
+        translations = [
+            {"text": t, "score": finite(s)}
+            for t, s in zip(
+                text_items(outputs["translation"]), outputs["score"].tolist(), strict=True
+            )
+        ]
+    else:
+        translations = [_translation(outputs, row, n_best, return_alignment) for row in range(rows)]
+    return dumps({"translations": translations, "model": model})
 
 
 def _translation(outputs: dict, row: int, n_best: int, return_alignment: bool) -> dict:
@@ -80,12 +99,11 @@ def _translation(outputs: dict, row: int, n_best: int, return_alignment: bool) -
     if return_alignment:
         s = int(outputs["source_lengths"][row])
         t = int(outputs["target_lengths"][row][0])
-        weights = np.asarray(outputs["alignments"][row][0], dtype=np.float64)[:t, :s]
-        weights = np.nan_to_num(np.round(weights, ALIGNMENT_DECIMALS))
+        weights = np.nan_to_num(np.asarray(outputs["alignments"][row][0], np.float64)[:t, :s])
         result["alignment"] = {
             "source_tokens": text_items(outputs["source_tokens"][row][:s]),
             "target_tokens": text_items(outputs["target_tokens"][row][0][:t]),
-            "weights": weights.tolist(),
+            "weights": RawJSON(float_array_json(weights, ALIGNMENT_DECIMALS)),
         }
     return result
 
@@ -95,7 +113,7 @@ def translate_router(settings: ServerSettings) -> APIRouter:
     texts per request, beam size) in the OpenAPI schema, so the route is made per app."""
     TranslateRequest = translate_request_model(settings)
 
-    async def translate_route(body: TranslateRequest, state: Service) -> JSONResponse:  # type: ignore[valid-type]
+    async def translate_route(body: TranslateRequest, state: Service) -> Response:  # type: ignore[valid-type]
         return await translate(body, state)
 
     router = APIRouter()
