@@ -8,14 +8,34 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from translator import search
+from translator import search, segmentation
 from translator.config import DecodingConfig, decoding_options, field_choices
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, add_specials
 
 
 @dataclass
 class Translation:
-    """One source sentence's result: the best text and score, and on request more."""
+    """One text's result: the best text and score, and on request more.
+
+    A text is translated sentence by sentence (see `translator.segmentation`); `sentences` holds
+    each sentence's own result (same fields, `sentences` empty) and the text's fields combine
+    them: `text` is the sentences' translations with the text's own spacing and line breaks;
+    `score` is the mean of their scores weighted by their target lengths (so a one-sentence
+    text has its sentence's score); the k-th of `n_best` joins every sentence's k-th
+    hypothesis; `source_tokens` and `target_tokens` are the sentences' subwords end to end and
+    `alignment` is block-diagonal (each sentence's attention in its own block, zeros
+    elsewhere). The tokens and alignments are those of what the model saw, placeholders
+    (number words) included.
+
+    Attributes:
+        text: The translation.
+        score: Length-normalized log-probability (higher is better).
+        n_best: `(text, score)` of the best `n_best` hypotheses, best first.
+        source_tokens, target_tokens: Subwords (with `return_alignment`).
+        alignment: `(target_len, source_len)` attention weights (with `return_alignment`).
+        source: The source text (for a sentence: its text in the source, without placeholders).
+        sentences: One `Translation` per sentence (or piece of an over-long sentence).
+    """
 
     text: str
     score: float
@@ -23,6 +43,8 @@ class Translation:
     source_tokens: list[str] | None = None
     target_tokens: list[str] | None = None
     alignment: np.ndarray | None = None  # (target_len, source_len)
+    source: str | None = None
+    sentences: list[Translation] = field(default_factory=list)
 
 
 PROJECTION_DTYPES = (None, *field_choices(DecodingConfig, "projection_dtype"))
@@ -56,7 +78,13 @@ class Translator:
         early_stopping: `"heuristic"` or `"exact"`, see `translator.search.beam_search`.
         max_length_ratio, max_length_offset: Output limit = ratio * source length + offset.
         batch_size: Sentences per graph call when translating long lists.
-        max_source_length: Source subwords kept per sentence (longer input is cut).
+        max_source_length: Most source subwords per sentence, EOS included. `translate` cuts
+            longer sentences at clause boundaries; the graph (`translate_tensors`, and so the
+            export's signatures) refuses them with an `InvalidArgumentError`.
+        split_length: Source subwords (EOS not counted) above which `translate` also cuts a
+            sentence at clause boundaries when it segments: `load` sets the training config's
+            `data.max_length`, the longest source the model was trained on (it drops the end
+            of longer ones). `None`: only `max_source_length` cuts.
         projection_dtype: `None` (the model's compute dtype), `"float32"` or `"bfloat16"`: the
             dtype of the output projection, a decoding step's largest matmul. bfloat16 is faster
             on CPUs with bfloat16 matrix units such as AMX (the README's Benchmarks give its
@@ -84,6 +112,7 @@ class Translator:
         max_length_offset=_DEFAULTS.max_length_offset,
         batch_size=_DEFAULTS.batch_size,
         max_source_length=256,
+        split_length=None,
         projection_dtype=_DEFAULTS.projection_dtype,
         compute_dtype=_DEFAULTS.compute_dtype,
     ):
@@ -118,6 +147,7 @@ class Translator:
         self.max_length_offset = max_length_offset
         self.batch_size = batch_size
         self.max_source_length = max_source_length
+        self.split_length = split_length
         self.translate_graph = tf.function(
             self.translate_tensors,
             input_signature=[
@@ -132,6 +162,10 @@ class Translator:
     @classmethod
     def from_model(cls, model, **kwargs):
         """A `Translator` for a `Seq2Seq` that carries its tokenizers (as exported models do).
+
+        Only the model is known here, not its training config: decoding options and
+        `split_length` are the constructor's defaults unless given (`load` reads them from the
+        directory's config.yaml).
 
         Example:
 
@@ -149,15 +183,47 @@ class Translator:
     # -- the graph -----------------------------------------------------------------------------
 
     def encode_source(self, text):
-        """Raw strings `(batch,)` -> padded ids `(batch, S)` with EOS appended, and lengths."""
+        """Raw strings `(batch,)` -> padded ids `(batch, S)` with EOS appended, and lengths.
+
+        A text of more than `max_source_length - 1` subwords is an error (an
+        `InvalidArgumentError` naming its index, its length and the limit), never cut: the
+        caller splits it (`translate` does, at clause boundaries)."""
         ids = self.source_tokenizer(text)  # ragged (batch, None)
-        ids = add_specials(ids[:, : self.max_source_length - 1], add_eos=True)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        limit = self.max_source_length - 1
+        # The first text over the limit (0 when none; the appended 0 makes an empty batch safe).
+        first = tf.argmax(
+            tf.concat([tf.cast(lengths > limit, tf.int32), [0]], 0), output_type=tf.int32
+        )
+        check = tf.debugging.Assert(
+            tf.reduce_all(lengths <= limit),
+            [
+                tf.strings.format(
+                    "text {} has {} subwords, over the limit of {} subwords per text: split it "
+                    "into sentences or clauses before translating it",
+                    (first, tf.concat([lengths, [0]], 0)[first], limit),
+                )
+            ],
+            name="source_length_check",
+        )
+        with tf.control_dependencies([check]):
+            ids = add_specials(ids, add_eos=True)
         lengths = tf.cast(ids.row_lengths(), tf.int32)
         return tf.cast(ids.to_tensor(PAD_ID), tf.int32), lengths
 
+    def count_source_tokens(self, text: str) -> int:
+        """Subwords of `text` under the source tokenizer (EOS not counted): what
+        `max_source_length - 1` limits."""
+        counter = getattr(self, "_counter", None)
+        if counter is None:
+            counter = self._counter = segmentation.sentencepiece_counter(
+                self.source_tokenizer.proto
+            )
+        return counter(text)
+
     def options(self) -> dict:
         """The constructor's keyword arguments (decoding options) of this translator."""
-        names = (*_DEFAULTS.model_dump(), "max_source_length")
+        names = (*_DEFAULTS.model_dump(), "max_source_length", "split_length")
         return {name: getattr(self, name) for name in names}
 
     def translate_tensors(self, text, beam_size, n_best, length_penalty, coverage_penalty):
@@ -240,19 +306,31 @@ class Translator:
         length_penalty=None,
         coverage_penalty=None,
         return_alignment=False,
+        segment=True,
+        protect=True,
     ):
-        """Translates a list of strings (any length; batched by length, results in input order).
+        """Translates a list of texts: each is cut into sentences, all sentences of all texts
+        are translated together (batched by length) and each text's translations are joined
+        back with its own spacing and line breaks (see `translator.segmentation`).
 
         Args:
-            texts: list of English strings (or one string).
+            texts: list of English strings (or one string): sentences, paragraphs, lines.
             beam_size: Beam width (1 = greedy); default from the constructor.
-            n_best: Hypotheses returned per sentence (<= beam_size).
+            n_best: Hypotheses returned per text and per sentence (<= beam_size).
             length_penalty: GNMT alpha; default from the constructor.
             coverage_penalty: GNMT beta; default from the constructor.
             return_alignment: Also return subword tokens and attention alignments.
+            segment: Cut texts into sentences, and sentences over `split_length` at clause
+                boundaries. `False` translates each text, as it is, as one sentence (for
+                callers who segment themselves; what the export's signatures do); a text over
+                `max_source_length` is still cut at clause boundaries, never truncated.
+            protect: Copy numbers, URLs, e-mail addresses and code-like tokens verbatim
+                (placeholders, see `translator.segmentation`).
 
         Returns:
-            A list of `Translation`, one per input, in order.
+            A list of `Translation`, one per input text, in order (one `Translation` for a
+            string). With `segment`, a text with no sentence (empty or whitespace only)
+            translates to itself, with score 0.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
@@ -263,13 +341,41 @@ class Translator:
             raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
         alpha = self.length_penalty if length_penalty is None else float(length_penalty)
         beta = self.coverage_penalty if coverage_penalty is None else float(coverage_penalty)
-        results: list[Translation | None] = [None] * len(texts)
+        max_tokens = self.max_source_length - 1
+        if segment and self.split_length is not None:
+            max_tokens = min(max_tokens, self.split_length)
+        segmented = [
+            segmentation.segment(
+                text,
+                split_sentences=segment,
+                protect=protect,
+                max_tokens=max_tokens,
+                count_tokens=self.count_source_tokens,
+            )
+            for text in texts
+        ]
+        units = [sentence for seg in segmented for sentence in seg.sentences]
+        translated = self._translate_sentences(
+            units, beam_size, n_best, alpha, beta, return_alignment
+        )
+        results, position = [], 0
+        for seg in segmented:
+            count = len(seg.units)
+            results.append(
+                _combine(seg, translated[position : position + count], n_best, return_alignment)
+            )
+            position += count
+        return results[0] if single else results
+
+    def _translate_sentences(self, sentences, beam_size, n_best, alpha, beta, return_alignment):
+        """`(Translation, target lengths (n_best,))` of each sentence, placeholders unrestored."""
+        results = [None] * len(sentences)
         # Sort by length so each batch pads little; restore the order at the end.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             out = self.translate_graph(
-                tf.constant([texts[i] for i in index]),
+                tf.constant([sentences[i] for i in index]),
                 tf.constant(beam_size),
                 tf.constant(n_best),
                 tf.constant(alpha, tf.float32),
@@ -277,13 +383,13 @@ class Translator:
             )
             # One copy to NumPy per batch: slicing the eager tensors row by row cost ~20 ms
             # per batch of 64, a tenth of greedy decoding's time.
-            keys = ("translations", "scores")
+            keys = ("translations", "scores", "lengths")
             if return_alignment:
-                keys += ("source_lengths", "lengths", "source_ids", "ids", "alignments")
+                keys += ("source_lengths", "source_ids", "ids", "alignments")
             arrays = {key: out[key].numpy() for key in keys}
             for row, i in enumerate(index):
-                results[i] = self._unpack(arrays, row, return_alignment)
-        return results[0] if single else results
+                results[i] = (self._unpack(arrays, row, return_alignment), arrays["lengths"][row])
+        return results
 
     def _unpack(self, out, row, return_alignment):
         texts = [t.decode("utf-8") for t in out["translations"][row]]
@@ -302,6 +408,43 @@ class Translator:
         return result
 
 
+def _combine(seg, translated, n_best, return_alignment) -> Translation:
+    """A text's `Translation` from its sentences' raw results (see `Translation`)."""
+    sentences = []
+    for i, (raw, _) in enumerate(translated):
+        raw.n_best = [(seg.restore(i, text), score) for text, score in raw.n_best]
+        raw.text = seg.restore(i, raw.text)
+        raw.source = seg.units[i].source
+        sentences.append(raw)
+    hypotheses = []
+    for k in range(n_best):
+        texts = [raw.n_best[k][0] for raw in sentences]
+        scores = [raw.n_best[k][1] for raw in sentences]
+        lengths = [int(lengths[k]) for _, lengths in translated]
+        # The sentences are restored already: join them with the text's own spacing.
+        hypotheses.append(
+            (seg.join(texts, restore=False), segmentation.combine_scores(scores, lengths))
+        )
+    result = Translation(
+        text=hypotheses[0][0],
+        score=hypotheses[0][1],
+        n_best=hypotheses,
+        source=seg.text,
+        sentences=sentences,
+    )
+    if return_alignment:
+        result.source_tokens = [t for s in sentences for t in s.source_tokens]
+        result.target_tokens = [t for s in sentences for t in s.target_tokens]
+        alignment = np.zeros((len(result.target_tokens), len(result.source_tokens)), np.float32)
+        row = column = 0
+        for s in sentences:
+            rows, columns = s.alignment.shape
+            alignment[row : row + rows, column : column + columns] = s.alignment
+            row, column = row + rows, column + columns
+        result.alignment = alignment
+    return result
+
+
 def _pieces(tokenizer, ids):
     return [p.decode("utf-8") for p in tokenizer.id_to_token(ids).numpy()]
 
@@ -309,9 +452,10 @@ def _pieces(tokenizer, ids):
 def load(path, **overrides) -> Translator:
     """Loads a trained translator from a run directory or a shipped model directory.
 
-    The directory holds `model.keras` and `config.yaml` (decoding defaults). The SentencePiece
-    model(s) come from the `.keras` file when it carries them (every exported model does), else
-    from `spm.model` (or `spm.source.model` and `spm.target.model`) beside it.
+    The directory holds `model.keras` and `config.yaml` (decoding defaults, and
+    `data.max_length` as `split_length`). The SentencePiece model(s) come from the `.keras` file
+    when it carries them (every exported model does), else from `spm.model` (or
+    `spm.source.model` and `spm.target.model`) beside it.
 
     Args:
         path: The directory (or a `.keras` file).
@@ -374,7 +518,10 @@ def load(path, **overrides) -> Translator:
     kwargs = {}
     if (path / "config.yaml").is_file():
         try:
-            kwargs = decoding_options(load_config(path / "config.yaml").decoding)
+            config = load_config(path / "config.yaml")
+            kwargs = decoding_options(config.decoding)
+            # The model never saw a longer source: translate cuts longer sentences.
+            kwargs["split_length"] = config.data.max_length
         except ConfigError as e:
             raise ValueError(f"{path / 'config.yaml'} is not a valid translator config: {e}") from e
     kwargs.update(overrides)
