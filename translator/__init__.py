@@ -4,6 +4,12 @@ Importing the package registers every custom Keras object, so `keras.saving.load
 rebuild saved translator models.
 """
 
+from translator.startup import native_stderr_filter
+
+with native_stderr_filter():  # TensorFlow's CUDA-probe lines on CPU-only machines; see startup.py
+    import tensorflow  # noqa: F401
+    import tensorflow_text  # noqa: F401
+
 from translator import layers
 from translator.decoder import AttentionDecoder
 from translator.encoder import DenseBridge, Encoder

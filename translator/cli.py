@@ -9,13 +9,34 @@ import os
 import sys
 
 
-def _setup_logging(verbose: bool) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _setup_logging(verbose: bool, start_devices: bool = True) -> None:
+    """Our own INFO lines (progress, results); TensorFlow's only when they are errors.
+
+    TensorFlow's native start-up lines were filtered when the package was imported (see
+    `translator.startup`); the device start-up below is filtered the same way. `-v` shows
+    everything: the filtered lines, TensorFlow's warnings, our DEBUG lines.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    import tensorflow as tf
+
+    from translator.startup import native_stderr_filter, suppressed
+
+    # TensorFlow's Python logger has a handler of its own: through ours too, each line twice.
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.propagate = False
+    tf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # absl's INFO lines (e.g. "Function `_translate` contains input name(s) ..." on export).
+    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if start_devices:  # not for `train`: a multi-worker strategy must configure them first
+        with native_stderr_filter():  # the CUDA probe ("failed call to cuInit") on CPU-only hosts
+            tf.config.list_logical_devices()
+    if verbose:
+        sys.stderr.writelines(suppressed)
 
 
 def cmd_train(args) -> int:
@@ -73,20 +94,38 @@ def cmd_evaluate(args) -> int:
     translator = load(args.model, **decoding_overrides(args))
     beam = args.beam_size if args.beam_size is not None else translator.beam_size
     result = evaluate(translator, sources, references, args.beam_size, args.length_penalty)
-    output = args.output or os.path.join(
-        args.model if os.path.isdir(args.model) else os.path.dirname(args.model),
-        f"hyp.{label}.beam{beam}.txt",
-    )
-    write_hypotheses(output, result["hypotheses"])
+    # The score first: nothing that can fail comes between the translations and it.
     print(f"{label}, beam {beam}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}")
     print(f"  {result['bleu_detail']}")
     print(f"  BLEU signature: {result['bleu_signature']}")
-    print(f"  chrF signature: {result['chrf_signature']}")
-    print(f"  hypotheses: {output}")
+    print(f"  chrF signature: {result['chrf_signature']}", flush=True)
     summary = {k: v for k, v in result.items() if k != "hypotheses"}
     summary.update(label=label, beam_size=beam)
     logging.getLogger("translator.evaluation").debug(json.dumps(summary))
+    # Never into the model directory by default (it may be read-only, or a shared export).
+    output = args.output or default_hypotheses_path(args.model, label, beam)
+    try:
+        write_hypotheses(output, result["hypotheses"])
+    except OSError as e:
+        raise OSError(
+            f"cannot write the hypotheses to {output} ({e.strerror or e}); the score is above. "
+            "Choose another file with --output"
+        ) from None
+    print(f"  hypotheses: {output}")
     return 0
+
+
+def default_hypotheses_path(model: str, label: str, beam: int) -> str:
+    """`evaluate`'s default hypotheses file: `hyp.<model>.<test set>.beam<N>.txt` in the
+    current directory, `<model>` the model directory's name (of a `.keras` file: its folder's),
+    and characters other than letters, digits, `.`, `-` and `_` made `_` (`tfds:a/b` names)."""
+    import re
+
+    model_dir = os.path.abspath(model)
+    if model_dir.endswith(".keras"):
+        model_dir = os.path.dirname(model_dir)
+    name = f"hyp.{os.path.basename(model_dir)}.{label}.beam{beam}.txt"
+    return re.sub(r"[^\w.-]+", "_", name)
 
 
 def cmd_export(args) -> int:
@@ -147,7 +186,13 @@ def cmd_translate(args) -> int:
     from translator.inference import load
 
     translator = load(args.model, **decoding_overrides(args))
-    kwargs = dict(beam_size=args.beam_size, n_best=args.n_best, length_penalty=args.length_penalty)
+    kwargs = dict(
+        beam_size=args.beam_size,
+        n_best=args.n_best,
+        length_penalty=args.length_penalty,
+        segment=not args.no_segment,
+        protect=not args.no_protect,
+    )
     if args.text:
         results = translator.translate(
             args.text, return_alignment=bool(args.plot_attention), **kwargs
@@ -160,7 +205,8 @@ def cmd_translate(args) -> int:
             plot_attention(results[0], args.plot_attention)
             print(f"attention plot written to {args.plot_attention}", file=sys.stderr)
         return 0
-    # Standard input: batches of lines, streamed in order; empty lines stay empty lines.
+    # Standard input: batches of lines, streamed in order; empty lines stay empty lines, and
+    # each line is one text (cut into sentences, rejoined on one line).
     batch = []
     for line in sys.stdin:
         batch.append(line.rstrip("\n"))
@@ -254,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None)
     add_decoding_arguments(p)
     p.add_argument(
-        "--output", help="write hypotheses here (default: <model>/hyp.<corpus>.<split>.txt)"
+        "--output",
+        help="write the hypotheses here, one per line, after the score is printed (default: "
+        "hyp.<model name>.<corpus>.<split>.beam<N>.txt in the current directory; never into "
+        "the model directory)",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -304,7 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plot-attention", metavar="FILE.png", help="attention heatmap of the first text"
     )
-    p.add_argument("text", nargs="*", help="sentences to translate (default: stdin, one per line)")
+    p.add_argument(
+        "--no-segment",
+        action="store_true",
+        help="translate each text (argument or line) as one sentence instead of cutting it into "
+        "sentences (for input segmented already); over-long ones are still cut at clauses",
+    )
+    p.add_argument(
+        "--no-protect",
+        action="store_true",
+        help="let the model translate numbers, URLs, e-mail addresses and code itself instead of "
+        "copying them verbatim through placeholders",
+    )
+    p.add_argument(
+        "text",
+        nargs="*",
+        help="texts to translate, each cut into sentences (default: stdin, one text per line)",
+    )
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser(
@@ -330,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("max_texts", int, "texts per request"),
         ("max_body_bytes", int, "request body limit"),
         ("max_beam_size", int, "largest beam_size accepted"),
+        ("max_request_cost", int, "decoding steps per request (texts x beam x output length)"),
+        ("max_batch_cost", int, "decoding steps per model call"),
+        ("max_alignment_values", int, "attention weights per response"),
+        ("request_timeout", float, "seconds a request may wait and run (504 after)"),
+        ("header_timeout", float, "seconds to receive a request's headers"),
+        ("body_timeout", float, "seconds to receive a request's body (408 after)"),
+        ("max_connections", int, "open connections per process"),
+        ("shutdown_timeout", float, "seconds to finish running work at shutdown"),
     ):
         flag = "--" + option.replace("_", "-")
         p.add_argument(flag, type=kind, default=default(option), help=text)
@@ -340,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, start_devices=args.command != "train")
     from translator.checkpoint import CheckpointError
     from translator.config import ConfigError
 

@@ -1,0 +1,75 @@
+"""TensorFlow's native start-up noise, kept off the terminal.
+
+Importing TensorFlow (and initializing its devices) writes lines such as
+``cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used`` and
+``failed call to cuInit: ... (303)`` straight to file descriptor 2, from C++, before
+``TF_CPP_MIN_LOG_LEVEL`` is read (tensorflow/tensorflow#100442). On a machine without a GPU
+they are all harmless, and they bury a command's own output.
+
+`native_stderr_filter()` captures descriptor 2 while TensorFlow starts, drops the lines that
+match `NOISE` (and only those), and writes every other line back unchanged, so a real error
+still reaches the terminal. The dropped lines are kept in `suppressed` (`translator -v` prints
+them). Setting ``TRANSLATOR_TF_LOGS=1`` turns the filter off.
+
+This module imports nothing heavy: it runs before TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+# Lines TensorFlow prints on every start on a CPU-only machine (one regex per known message).
+NOISE = re.compile(
+    "|".join(
+        [
+            r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+            r"cudart_stub\.cc:\d+\] Could not find cuda drivers",
+            r"cuda_platform\.cc:\d+\] failed call to cuInit",
+            r"Unable to register cu(DNN|FFT|BLAS) factory",
+            r"computation placer already registered",
+            r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized",
+            r"^To enable the following instructions: .*rebuild TensorFlow",
+            r"oneDNN custom operations are on",
+        ]
+    )
+)
+ENV_SHOW_ALL = "TRANSLATOR_TF_LOGS"
+
+suppressed: list[str] = []  # the lines dropped so far, in order
+
+
+@contextlib.contextmanager
+def native_stderr_filter():
+    """Within the block, lines written to descriptor 2 that match `NOISE` are dropped.
+
+    Everything else written in the block (Python's own stderr included) is written back to
+    descriptor 2 when the block ends, in order, even when the block raises.
+    """
+    if os.environ.get(ENV_SHOW_ALL, "") not in ("", "0"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a daemon, a closed stream): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = []
+            for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True):
+                (suppressed if NOISE.search(line) else kept).append(line)
+            if kept:
+                os.write(2, "".join(kept).encode("utf-8"))
