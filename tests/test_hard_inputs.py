@@ -199,6 +199,25 @@ def test_the_counter_counts_as_the_model_tokenizer(translator):
     assert [translator.count_source_tokens(t) for t in texts] == lengths
 
 
+def test_rest(results):
+    """`POST /v1/translate` on the shipped export, every case in one request: the Python API's
+    translations (same graph, same segmentation), with the same properties."""
+    from fastapi.testclient import TestClient
+
+    from translator.server import SavedModelBackend, ServerSettings, create_app
+
+    backend = SavedModelBackend(SHIPPED, "en-fr")
+    backend.load()
+    with TestClient(create_app(backend, ServerSettings(model=str(SHIPPED)))) as client:
+        response = client.post("/v1/translate", json={"texts": [c["text"] for c in CASES]})
+    assert response.status_code == 200, response.text
+    got = {c["id"]: t["text"] for c, t in zip(CASES, response.json()["translations"], strict=True)}
+    differ = [i for i in got if got[i] != results[i].text]
+    assert not differ, [(got[i], results[i].text) for i in differ]
+    failing = [c["id"] for c in CASES if "xfail" not in c and check(c, got[c["id"]])]
+    assert not failing, {i: check(next(c for c in CASES if c["id"] == i), got[i]) for i in failing}
+
+
 def run_cli(args, stdin=None):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(

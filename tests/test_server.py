@@ -110,9 +110,17 @@ def test_translate_one_text_and_several_match_the_export(client, reference):
     expected = reference(TEXTS)
     assert body["translations"][0]["text"] == decode(expected["translation"])[0]
     many = client.post("/v1/translate", json={"texts": TEXTS}).json()["translations"]
-    assert [t["text"] for t in many] == decode(expected["translation"])
-    np.testing.assert_allclose([t["score"] for t in many], expected["score"], atol=1e-4)
     assert all(set(t) == {"text", "score"} for t in many)  # no n_best/alignment unless asked
+    # Each sentence as the export translates it; an empty text is its own translation (as in
+    # the Python API): no model call, score 0.
+    assert many[2] == {"text": "", "score": 0.0}
+    sentences = [i for i, text in enumerate(TEXTS) if text]
+    assert [many[i]["text"] for i in sentences] == [
+        decode(expected["translation"])[i] for i in sentences
+    ]
+    np.testing.assert_allclose(
+        [many[i]["score"] for i in sentences], expected["score"][sentences], atol=1e-4
+    )
 
 
 def test_n_best_and_alignment_have_the_documented_shape(client, reference):
@@ -122,13 +130,17 @@ def test_n_best_and_alignment_have_the_documented_shape(client, reference):
     expected = reference(TEXTS, 3, 2, 0.8)
     for row, t in enumerate(response.json()["translations"]):
         assert set(t) == {"text", "score", "n_best", "alignment"}
+        assert t["text"] == t["n_best"][0]["text"]
+        a = t["alignment"]
+        assert set(a) == {"source_tokens", "target_tokens", "weights"}
+        if not TEXTS[row]:  # nothing to translate: empty hypotheses and alignment
+            assert t["n_best"] == [{"text": "", "score": 0.0}] * 2
+            assert a == {"source_tokens": [], "target_tokens": [], "weights": []}
+            continue
         assert [h["text"] for h in t["n_best"]] == decode(expected["translations"][row])
         np.testing.assert_allclose(
             [h["score"] for h in t["n_best"]], expected["scores"][row], atol=1e-4
         )
-        assert t["text"] == t["n_best"][0]["text"]
-        a = t["alignment"]
-        assert set(a) == {"source_tokens", "target_tokens", "weights"}
         s, n = int(expected["source_lengths"][row]), int(expected["target_lengths"][row, 0])
         assert a["source_tokens"] == decode(expected["source_tokens"][row, :s])
         assert a["target_tokens"] == decode(expected["target_tokens"][row, 0, :n])
@@ -137,6 +149,69 @@ def test_n_best_and_alignment_have_the_documented_shape(client, reference):
         assert weights.shape == (len(a["target_tokens"]), len(a["source_tokens"]))  # T x S
         np.testing.assert_allclose(weights, expected["alignments"][row, 0, :n, :s], atol=1e-4)
         np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-3)
+
+
+PARAGRAPHS = [
+    "one red cat. two small dogs!\n\n  big house 3 ",
+    "green tree; blue car, five dogs. www.example.com red cat",
+    "one red cat",
+]
+
+
+@pytest.fixture(scope="module")
+def python_api(tiny_export_dir):
+    """`translator.load` on the same export: the Python API the endpoint must agree with."""
+    from translator import load
+
+    return load(tiny_export_dir)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"beam_size": 3, "n_best": 2, "length_penalty": 0.8},
+        {"segment": False},
+        {"protect": False},
+    ],
+    ids=["defaults", "n-best", "no-segment", "no-protect"],
+)
+def test_paragraphs_are_translated_sentence_by_sentence_like_the_python_api(
+    client, python_api, options
+):
+    """Issue 23: every sentence of a paragraph is translated and joined with the text's own
+    spacing, numbers and URLs kept; the same result as `Translator.translate`."""
+    response = client.post("/v1/translate", json={"texts": PARAGRAPHS, **options})
+    assert response.status_code == 200, response.text
+    got = response.json()["translations"]
+    expected = python_api.translate(PARAGRAPHS, **options)
+    for g, e in zip(got, expected, strict=True):
+        assert g["text"] == e.text
+        assert g["score"] == pytest.approx(e.score, abs=1e-3)
+        if options.get("n_best", 1) > 1:
+            assert [h["text"] for h in g["n_best"]] == [t for t, _ in e.n_best]
+    if options.get("segment", True):
+        assert got[0]["text"].startswith(expected[0].sentences[0].text + " ")
+        assert "\n\n  " in got[0]["text"] and got[0]["text"].endswith(" ")
+        assert len(expected[0].sentences) == 3
+    if options.get("protect", True):
+        assert "3" in got[0]["text"] and "www.example.com" in got[1]["text"]
+
+
+def test_a_paragraphs_alignment_is_block_diagonal_over_its_sentences(client, python_api):
+    text = "one red cat. two small dogs."
+    body = {"text": text, "beam_size": 2, "return_alignment": True}
+    a = client.post("/v1/translate", json=body).json()["translations"][0]["alignment"]
+    expected = python_api.translate(text, beam_size=2, return_alignment=True)
+    assert a["source_tokens"] == expected.source_tokens
+    assert a["target_tokens"] == expected.target_tokens
+    assert a["source_tokens"].count("</s>") == 2 and a["target_tokens"].count("</s>") == 2
+    weights = np.array(a["weights"])
+    np.testing.assert_allclose(weights, expected.alignment, atol=1e-3)
+    first = expected.sentences[0]
+    rows, columns = len(first.target_tokens), len(first.source_tokens)
+    assert not weights[:rows, columns:].any() and not weights[rows:, :columns].any()
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -157,13 +232,23 @@ def test_unusual_but_valid_texts_get_a_translation(client, texts):
         assert all(isinstance(t["text"], str) for t in translations)
 
 
-def test_a_text_over_the_source_limit_is_refused_naming_the_limit(client):
-    """Never cut silently (issue 24, item 8): the export refuses a source over 255 subwords."""
-    for body in ({"texts": ["one red cat", "a " * 400]}, {"text": "a " * 400, "beam_size": 2}):
-        response = client.post("/v1/translate", json=body)
-        assert response.status_code == 400, response.text
-        assert "over the limit of 255 subwords" in response.text
-    assert client.post("/v1/translate", json={"texts": ["one red cat"]}).status_code == 200
+def test_a_text_over_the_source_limit_is_translated_whole_never_cut(client, python_api):
+    """Issue 24 item 8, issue 23: a text over the model's 255 subwords is cut at clause
+    boundaries and every piece translated (with `segment: false` too), never truncated; the
+    export's own signatures (`:predict`) refuse it, naming the limit."""
+    long = "a " * 400 + "one red cat"  # 806 characters, over 255 subwords
+    for options in ({}, {"segment": False, "beam_size": 2}):
+        response = client.post("/v1/translate", json={"texts": ["one red cat", long], **options})
+        assert response.status_code == 200, response.text
+        expected = python_api.translate(long, **options)
+        assert response.json()["translations"][1]["text"] == expected.text
+        assert len(expected.sentences) >= 2  # cut into pieces, each translated
+        assert "".join(s.source for s in expected.sentences).replace(" ", "") == long.replace(
+            " ", ""
+        )  # every word in exactly one piece
+    predict = client.post("/v1/models/tiny:predict", json={"instances": ["a " * 400]})
+    assert predict.status_code == 400, predict.text
+    assert "over the limit of 255 subwords" in predict.text
 
 
 # -- TF Serving's REST API ---------------------------------------------------------------------
@@ -547,6 +632,13 @@ class SlowBackend(Backend):
 
     def predict(self, signature, version, texts, scalars):
         n = len(texts)
+        if signature == "translate":  # /v1/translate's
+            k = int(scalars["n_best"])
+            return {
+                "translations": np.full((n, k), b"ok", dtype=object),
+                "scores": np.zeros((n, k), "float32"),
+                "target_lengths": np.ones((n, k), "int32"),
+            }
         return {"translation": np.array([b"ok"] * n, dtype=object), "score": np.zeros(n, "float32")}
 
     def signature_defs(self):
@@ -647,7 +739,7 @@ def test_remote_backend_forwards_to_tf_serving(client, tiny_export_dir):
             assert all(set(b) == {"signature_name", "inputs"} for b in sent)  # columnar, always
             assert sent[-1]["signature_name"] == "translate"
             assert sent[-1]["inputs"] == {
-                "text": TEXTS,
+                "text": [t for t in TEXTS if t],  # an empty text needs no model call
                 "beam_size": 3,
                 "n_best": 2,
                 "length_penalty": 0.6,
@@ -1044,6 +1136,9 @@ def test_beam_size_1_over_rest_is_greedy_decoding(
     got = response.json()["translations"]
     assert any(t["text"] for t in got)
     for text, t in zip(TEXTS, got, strict=True):
+        if not text:  # nothing to translate (as in the Python API)
+            assert (t["text"], t["score"], t["alignment"]["target_tokens"]) == ("", 0.0, [])
+            continue
         expected, score, pieces = reference_greedy(translator, source_sp, target_sp, text, 0.6)
         assert t["text"] == expected
         assert t["alignment"]["target_tokens"] == pieces

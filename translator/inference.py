@@ -362,7 +362,9 @@ class Translator:
         for seg in segmented:
             count = len(seg.units)
             results.append(
-                _combine(seg, translated[position : position + count], n_best, return_alignment)
+                combine_sentences(
+                    seg, translated[position : position + count], n_best, return_alignment
+                )
             )
             position += count
         return results[0] if single else results
@@ -408,8 +410,16 @@ class Translator:
         return result
 
 
-def _combine(seg, translated, n_best, return_alignment) -> Translation:
-    """A text's `Translation` from its sentences' raw results (see `Translation`)."""
+def combine_sentences(seg, translated, n_best, return_alignment) -> Translation:
+    """A text's `Translation` from its sentences' raw results (see `Translation`).
+
+    Args:
+        seg: The text's `translator.segmentation.Segmented`.
+        translated: One `(Translation, target lengths (n_best,))` per unit of `seg`, in order:
+            the model's raw output (placeholders not restored; changed in place).
+        n_best: Hypotheses per sentence to join (each sentence has at least this many).
+        return_alignment: Whether the sentences carry tokens and alignments to join.
+    """
     sentences = []
     for i, (raw, _) in enumerate(translated):
         raw.n_best = [(seg.restore(i, text), score) for text, score in raw.n_best]
@@ -475,7 +485,7 @@ def load(path, **overrides) -> Translator:
 
     from translator import model as _registers_custom_objects  # noqa: F401 - Seq2Seq & layers
     from translator.config import ConfigError, load_config
-    from translator.tokenizer import SentencePieceTokenizer
+    from translator.tokenizer import SentencePieceTokenizer, sentencepiece_files
 
     path = Path(path)
     model_file = path
@@ -503,18 +513,18 @@ def load(path, **overrides) -> Translator:
     source_tokenizer = getattr(model, "source_tokenizer", None)
     target_tokenizer = getattr(model, "target_tokenizer", None)
     if source_tokenizer is None or target_tokenizer is None:
-        if (path / "spm.model").is_file():
-            source_tokenizer = target_tokenizer = SentencePieceTokenizer(
-                model_path=str(path / "spm.model")
-            )
-        elif (path / "spm.source.model").is_file() and (path / "spm.target.model").is_file():
-            source_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.source.model"))
-            target_tokenizer = SentencePieceTokenizer(model_path=str(path / "spm.target.model"))
-        else:
+        files = sentencepiece_files(path)
+        if files is None:
             raise FileNotFoundError(
                 f"{model_file} carries no tokenizer and {path} has no SentencePiece model "
                 "(spm.model, or spm.source.model and spm.target.model)"
             )
+        source_tokenizer = SentencePieceTokenizer(model_path=str(files[0]))
+        target_tokenizer = (
+            source_tokenizer
+            if files[0] == files[1]
+            else SentencePieceTokenizer(model_path=str(files[1]))
+        )
     kwargs = {}
     if (path / "config.yaml").is_file():
         try:

@@ -29,6 +29,21 @@ EOS_PIECE = "</s>"
 PROTO_FILENAME = "sentencepiece.model"
 
 
+def sentencepiece_files(directory):
+    """The SentencePiece model files beside a model in `directory`: `(source, target)` paths,
+    the same file twice for a joint `spm.model`, or `None` when there are none. The one lookup
+    of a run or export directory's tokenizer files (`translator.load`, the server's costs)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    if (directory / "spm.model").is_file():
+        return directory / "spm.model", directory / "spm.model"
+    source, target = directory / "spm.source.model", directory / "spm.target.model"
+    if source.is_file() and target.is_file():
+        return source, target
+    return None
+
+
 def train_sentencepiece(
     texts,
     model_path,

@@ -4,6 +4,7 @@ Both speak TF Serving's terms: signatures by name, a batch of texts plus the sig
 inputs in, a dict of numpy arrays out, and TF Serving's status and metadata JSON.
 """
 
+import functools
 import json
 import logging
 import math
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from translator import segmentation
 from translator.config import decoding_options, load_config
 from translator.files import version_dirs
 from translator.server.errors import BackendError, ModelInputError, ModelLoadError
 from translator.server.protocol import DEFAULT_SIGNATURE, TRANSLATE_SIGNATURE
 from translator.server.settings import ServerSettings, check_backend_url
+from translator.tokenizer import sentencepiece_files
 
 log = logging.getLogger("translator.server")
 
@@ -74,66 +77,101 @@ def decoding_defaults(model_dir) -> dict:
     return {"beam_size": options["beam_size"], "length_penalty": options["length_penalty"]}
 
 
-# `translator.inference.Translator`'s `max_source_length`: the graph keeps this many source
-# subwords (end-of-sentence included) and cuts the rest. Not in config.yaml: every export has it.
+# `translator.inference.Translator`'s `max_source_length`: the graph accepts this many source
+# subwords (end-of-sentence included) and refuses more. Not in config.yaml: every export has it.
 MAX_SOURCE_LENGTH = 256
 
 
 @dataclass
 class LengthModel:
-    """How long a text's subwords and its translation can get: what a request costs.
+    """How a text is cut into sentences, how long their subwords and translations can get:
+    what a request costs.
 
     With the export's SentencePiece model, a text's source length is its exact subword count
     (the graph tokenizes with the same model); without one (a remote backend with no local
     export), it is bounded by its characters + 1 (a piece has at least one character; "▁" may
-    stand alone before the first). Either way plus `</s>`, and cut as the graph cuts.
+    stand alone before the first). Either way plus `</s>`.
 
     Args:
         max_length_ratio, max_length_offset: The export's output limit, ratio x source + offset.
-        max_source_length: Source subwords the graph keeps.
+        max_source_length: Source subwords (`</s>` included) the graph accepts; it refuses more.
         sentencepiece: Path of the source side's SentencePiece model, or None.
+        split_length: The longest source the model was trained on (config `data.max_length`):
+            `segment` cuts longer sentences at clause boundaries. None: only the graph's limit.
     """
 
     max_length_ratio: float = 2.0
     max_length_offset: int = 10
     max_source_length: int = MAX_SOURCE_LENGTH
     sentencepiece: str | None = None
-    _processor: Any = field(default=None, init=False, repr=False, compare=False)
+    split_length: int | None = None
+    _counter: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_export(cls, model_dir) -> "LengthModel":
         """The limits of an export directory (base or version directory), if it is local."""
         if model_dir is None or not Path(model_dir).is_dir():
             return cls()
-        options = _decoding(model_dir)
         path = Path(model_dir)
+        options, split_length = _decoding(path), None
+        for folder in (path, path.parent):
+            if (folder / "config.yaml").is_file():
+                split_length = load_config(folder / "config.yaml").data.max_length
+                break
         spm = None
         for folder in (path, path.parent):
-            for name in ("spm.model", "spm.source.model"):
-                if (folder / name).is_file():
-                    spm = spm or str(folder / name)
-        return cls(options["max_length_ratio"], options["max_length_offset"], sentencepiece=spm)
+            files = sentencepiece_files(folder)
+            if files is not None:
+                spm = str(files[0])
+                break
+        return cls(
+            options["max_length_ratio"],
+            options["max_length_offset"],
+            sentencepiece=spm,
+            split_length=split_length,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """Source subwords of `text`, `</s>` not counted (an upper bound without the
+        SentencePiece model). Cached: a request's sentences are counted when it is cut and
+        again when it is admitted."""
+        if self._counter is None:
+            if self.sentencepiece is None:
+                count = _characters_bound
+            else:
+                count = segmentation.sentencepiece_counter(self.sentencepiece)
+            self._counter = functools.lru_cache(maxsize=16_384)(count)
+        return self._counter(text)
 
     def source_lengths(self, texts: list[str]) -> list[int]:
         """Each text's source subwords as the graph sees them, `</s>` included."""
-        processor = self._load()
-        if processor is None:
-            counts = [len(text) + 1 for text in texts]
-        else:
-            counts = [len(ids) for ids in processor.encode(texts)]
-        keep = self.max_source_length - 1
-        return [min(n, keep) + 1 for n in counts]
+        return [self.count_tokens(text) + 1 for text in texts]
 
     def output_length(self, source_length: int) -> int:
         """The most subwords the search may generate for a source of this length."""
         return math.ceil(self.max_length_ratio * source_length) + self.max_length_offset
 
-    def _load(self):
-        if self._processor is None and self.sentencepiece is not None:
-            import sentencepiece
+    def segment(
+        self, text: str, split_sentences: bool = True, protect: bool = True
+    ) -> segmentation.Segmented:
+        """`text` cut into the units to translate, as `translator.Translator.translate` cuts
+        it: sentences (with `split_sentences`), placeholders (with `protect`), and units over
+        `split_length` (with `split_sentences`) or over the graph's limit cut at clause
+        boundaries."""
+        max_tokens = self.max_source_length - 1
+        if split_sentences and self.split_length is not None:
+            max_tokens = min(max_tokens, self.split_length)
+        return segmentation.segment(
+            text,
+            split_sentences=split_sentences,
+            protect=protect,
+            max_tokens=max_tokens,
+            count_tokens=self.count_tokens,
+        )
 
-            self._processor = sentencepiece.SentencePieceProcessor(model_file=self.sentencepiece)
-        return self._processor
+
+def _characters_bound(text: str) -> int:
+    return len(text) + 1
 
 
 def trim_padding(outputs: dict) -> dict:

@@ -139,6 +139,19 @@ def translate_request_model(settings: ServerSettings) -> type[BaseModel]:
         return_alignment: Annotated[bool, Field(strict=True)] = Field(
             False, description="Also return subword tokens and attention weights."
         )
+        segment: Annotated[bool, Field(strict=True)] = Field(
+            True,
+            description=(
+                "Cut each text into sentences (a line break always ends one; over-long "
+                "sentences are cut at clause boundaries), translate them all and join their "
+                "translations with the text's own spacing. false: each text is translated as "
+                "one sentence (still cut at clause boundaries if over the model's source limit)."
+            ),
+        )
+        protect: Annotated[bool, Field(strict=True)] = Field(
+            True,
+            description="Copy numbers, URLs, e-mail addresses and code-like tokens verbatim.",
+        )
         timeout: Timeout = Field(None, description=TIMEOUT_DESCRIPTION)
 
         @model_validator(mode="after")

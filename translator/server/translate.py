@@ -1,5 +1,5 @@
-"""`POST /v1/translate`: English texts in, French translations out (with n-best lists and
-attention alignments on request)."""
+"""`POST /v1/translate`: English texts in (sentences, paragraphs, lines), French translations
+out (with n-best lists and attention alignments on request)."""
 
 from typing import Any
 
@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from translator.inference import Translation, combine_sentences
 from translator.server.errors import ApiError
 from translator.server.middleware import require_json_object
 from translator.server.protocol import (
     ALIGNMENT_DECIMALS,
-    DEFAULT_SIGNATURE,
     TRANSLATE_SIGNATURE,
     ErrorBody,
     RawJSON,
@@ -28,10 +28,11 @@ from translator.server.settings import ServerSettings
 
 
 async def translate(body: BaseModel, state: ServiceState) -> Response:
-    """Translates `body.text` or `body.texts`: the plain signature unless options are given.
-
-    The model sees the rows of one `state.predict` (which admits them by cost, within the
-    request's deadline); the response is formatted and encoded on a worker thread."""
+    """Translates `body.text` or `body.texts` as `translator.Translator.translate` does: each
+    text cut into sentences (`segment`), numbers and code kept (`protect`), every sentence of
+    the request in one `state.predict` through the `translate` signature (admitted by cost,
+    within the request's deadline), and each text's translations joined back with its own
+    spacing. Cutting and formatting run on a worker thread."""
     state.require_ready()
     backend = state.backend
     texts = [body.text] if body.texts is None else list(body.texts)
@@ -44,15 +45,10 @@ async def translate(body: BaseModel, state: ServiceState) -> Response:
             f"({beam}, the model's default)",
             [{"loc": "n_best", "msg": f"must not be larger than beam_size ({beam})"}],
         )
-    plain = (
-        body.beam_size is None
-        and body.length_penalty is None
-        and body.n_best == 1
-        and not body.return_alignment
-    )
-    if plain:
-        outputs = await state.predict(DEFAULT_SIGNATURE, None, texts, {}, timeout=body.timeout)
-    else:
+    segmented = await state.off_loop(_segment, texts, backend.lengths, body.segment, body.protect)
+    units = [sentence for seg in segmented for sentence in seg.sentences]
+    outputs = None
+    if units:  # texts that are all empty or whitespace need no model call
         alpha = body.length_penalty
         scalars = {
             "beam_size": beam,
@@ -62,48 +58,62 @@ async def translate(body: BaseModel, state: ServiceState) -> Response:
         outputs = await state.predict(
             TRANSLATE_SIGNATURE,
             None,
-            texts,
+            units,
             scalars,
             alignments=int(body.return_alignment),
             timeout=body.timeout,
         )
     model = {"name": backend.name, "version": str(backend.version)}
-    options = (plain, body.n_best, body.return_alignment)
-    content = await state.off_loop(_encode, outputs, len(texts), options, model)
+    options = (body.n_best, body.return_alignment)
+    content = await state.off_loop(_encode, outputs, segmented, options, model)
     return Response(content, media_type="application/json")
 
 
-def _encode(outputs: dict, rows: int, options: tuple, model: dict) -> bytes:
+def _segment(texts: list[str], lengths, split_sentences: bool, protect: bool) -> list:
+    """Each text's `Segmented` (on a worker thread: sentence splitting and subword counts)."""
+    return [lengths.segment(text, split_sentences, protect) for text in texts]
+
+
+def _encode(outputs: dict | None, segmented: list, options: tuple, model: dict) -> bytes:
     """The response body (on a worker thread: alignments can be large)."""
-    plain, n_best, return_alignment = options
-    if plain:
-        translations = [
-            {"text": t, "score": finite(s)}
-            for t, s in zip(
-                text_items(outputs["translation"]), outputs["score"].tolist(), strict=True
-            )
-        ]
-    else:
-        translations = [_translation(outputs, row, n_best, return_alignment) for row in range(rows)]
+    n_best, return_alignment = options
+    translations, row = [], 0
+    for seg in segmented:
+        count = len(seg.units)
+        units = [_unit(outputs, r, return_alignment) for r in range(row, row + count)]
+        row += count
+        combined = combine_sentences(seg, units, n_best, return_alignment)
+        translations.append(_translation(combined, n_best, return_alignment))
     return dumps({"translations": translations, "model": model})
 
 
-def _translation(outputs: dict, row: int, n_best: int, return_alignment: bool) -> dict:
+def _unit(outputs: dict, row: int, return_alignment: bool) -> tuple[Translation, np.ndarray]:
+    """One sentence's raw result and its hypotheses' target lengths."""
     texts = text_items(outputs["translations"][row])
-    scores = [finite(s) for s in outputs["scores"][row].tolist()]
-    result: dict[str, Any] = {"text": texts[0], "score": scores[0]}
-    if n_best > 1:
-        result["n_best"] = [
-            {"text": t, "score": s} for t, s in zip(texts[:n_best], scores[:n_best], strict=True)
-        ]
+    scores = [float(s) for s in outputs["scores"][row].tolist()]
+    result = Translation(
+        text=texts[0], score=scores[0], n_best=list(zip(texts, scores, strict=True))
+    )
     if return_alignment:
         s = int(outputs["source_lengths"][row])
         t = int(outputs["target_lengths"][row][0])
-        weights = np.nan_to_num(np.asarray(outputs["alignments"][row][0], np.float64)[:t, :s])
+        result.source_tokens = text_items(outputs["source_tokens"][row][:s])
+        result.target_tokens = text_items(outputs["target_tokens"][row][0][:t])
+        result.alignment = np.nan_to_num(
+            np.asarray(outputs["alignments"][row][0], np.float32)[:t, :s]
+        )
+    return result, np.asarray(outputs["target_lengths"][row])
+
+
+def _translation(combined: Translation, n_best: int, return_alignment: bool) -> dict:
+    result: dict[str, Any] = {"text": combined.text, "score": finite(combined.score)}
+    if n_best > 1:
+        result["n_best"] = [{"text": t, "score": finite(s)} for t, s in combined.n_best]
+    if return_alignment:
         result["alignment"] = {
-            "source_tokens": text_items(outputs["source_tokens"][row][:s]),
-            "target_tokens": text_items(outputs["target_tokens"][row][0][:t]),
-            "weights": RawJSON(float_array_json(weights, ALIGNMENT_DECIMALS)),
+            "source_tokens": combined.source_tokens,
+            "target_tokens": combined.target_tokens,
+            "weights": RawJSON(float_array_json(combined.alignment, ALIGNMENT_DECIMALS)),
         }
     return result
 

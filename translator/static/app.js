@@ -1,8 +1,10 @@
 // The translation page: a plain client of the public REST API, and an example of one.
 //
 //   POST v1/translate
-//   {"texts": ["..."], "beam_size": 5, "n_best": 1, "length_penalty": 0.6,
-//    "return_alignment": true}
+//   {"texts": ["..."], "beam_size": 5, "n_best": 1, "length_penalty": 1.5,
+//    "return_alignment": true}      (length_penalty left out: the model's own default)
+//   Each text (a line of the page) may hold several sentences: the server translates each
+//   sentence and joins them; the alignment of such a text is block-diagonal.
 //   -> {"translations": [{"text", "score", "n_best": [{"text", "score"}],
 //        "alignment": {"source_tokens", "target_tokens", "weights": [[target x source]]}}],
 //       "model": {"name", "version"}}
@@ -36,7 +38,7 @@
 
   // -- the request -------------------------------------------------------------------------------
 
-  function sentences() {
+  function lines() {
     return source.value
       .split(/\r?\n/)
       .map((line) => line.trim())
@@ -50,9 +52,9 @@
 
   async function translate() {
     if (busy) return;
-    const texts = sentences();
+    const texts = lines();
     if (texts.length === 0) {
-      showError("Type at least one English sentence.");
+      showError("Type some English text.");
       source.focus();
       return;
     }
@@ -60,9 +62,10 @@
       texts,
       beam_size: numberOf(beamSize, (v) => parseInt(v, 10)),
       n_best: numberOf(nBest, (v) => parseInt(v, 10)),
-      length_penalty: numberOf(lengthPenalty, parseFloat),
       return_alignment: true,
     };
+    const alpha = parseFloat(lengthPenalty.value);
+    if (Number.isFinite(alpha)) body.length_penalty = alpha; // else the model's default
     setBusy(true);
     showError(null);
     const started = performance.now();
@@ -85,7 +88,7 @@
       renderResults(last);
       output.classList.remove("stale");
       const n = last.translations.length;
-      status.textContent = `${n} ${n === 1 ? "sentence" : "sentences"} in ${seconds.toFixed(2)} s`;
+      status.textContent = `${n} ${n === 1 ? "text" : "texts"} in ${seconds.toFixed(2)} s`;
     } catch (e) {
       status.textContent = last ? "The results below are from the previous request." : "";
       output.classList.add("stale");
@@ -193,18 +196,18 @@
       copy.type = "button";
       copy.className = "secondary copy";
       copy.textContent = "Copy";
-      copy.setAttribute("aria-label", `Copy the translation of sentence ${i + 1}`);
+      copy.setAttribute("aria-label", `Copy the translation of line ${i + 1}`);
       copy.addEventListener("click", () => copyText(t.text, copy));
       const show = document.createElement("button");
       show.type = "button";
       show.className = "secondary show-attention";
       show.textContent = "Attention";
-      show.setAttribute("aria-label", `Show the attention heatmap of sentence ${i + 1}`);
+      show.setAttribute("aria-label", `Show the attention heatmap of line ${i + 1}`);
       show.setAttribute("aria-pressed", "false");
       show.setAttribute("aria-controls", "attention");
       if (!t.alignment) {
         show.disabled = true;
-        show.title = "The server returned no alignment for this sentence";
+        show.title = "The server returned no alignment for this line";
       }
       show.addEventListener("click", () => selectSentence(i));
       tools.append(copy, show);
@@ -296,7 +299,7 @@
     item.querySelector(".show-attention").setAttribute("aria-pressed", "true");
     drawHeatmap(t.alignment);
     const french = t.text ? `“${t.text}”` : "(empty translation)";
-    caption.textContent = `Sentence ${index + 1}: “${last.sources[index]}” → ${french}`;
+    caption.textContent = `Line ${index + 1}: “${last.sources[index]}” → ${french}`;
     attention.hidden = false;
     const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
     attention.scrollIntoView({ block: "nearest", behavior: still ? "auto" : "smooth" });
