@@ -309,6 +309,56 @@ def test_a_request_over_max_batch_size_is_split_and_short_requests_interleave():
     assert calls[1] == ["s0"] or "s0" in calls[1]
 
 
+@pytest.mark.parametrize("express_cost", [1000, None], ids=["express-lane", "one-lane"])
+def test_short_requests_run_beside_a_heavy_call_on_the_express_lane(express_cost):
+    """While a call costing more than `express_cost` runs, cheap requests run beside it on a
+    second thread (merged), and the heavy request's next chunk still waits for the main lane;
+    without the lane, the short requests wait for the heavy call."""
+    calls, lanes = [], []
+    heavy_started, release = threading.Event(), threading.Event()
+
+    def run(signature, version, texts, scalars):
+        calls.append(list(texts))
+        lanes.append(threading.current_thread().name.split("_")[0])
+        if texts[0] == "h0":
+            heavy_started.set()
+            release.wait(10)
+        return {"echo": np.array(texts, dtype=object)}
+
+    async def main():
+        batcher = MicroBatcher(
+            run, max_batch_size=4, max_wait=0, max_batch_cost=4000, express_cost=express_cost
+        )
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        heavy = asyncio.ensure_future(
+            batcher.submit("s", None, ["h0", "h1", "h2", "h3"], {}, costs=[2000] * 4)
+        )
+        await loop.run_in_executor(None, heavy_started.wait, 10)
+        shorts = [
+            asyncio.ensure_future(batcher.submit("s", None, [f"s{i}"], {}, costs=[100]))
+            for i in range(3)
+        ]
+        done, _ = await asyncio.wait(shorts, timeout=1.0)
+        answered_during_heavy = len(done)
+        release.set()
+        results = await asyncio.gather(heavy, *shorts)
+        await batcher.stop()
+        return answered_during_heavy, results
+
+    answered, (heavy, *shorts) = asyncio.run(main())
+    assert list(heavy["echo"]) == ["h0", "h1", "h2", "h3"]
+    assert [list(r["echo"]) for r in shorts] == [["s0"], ["s1"], ["s2"]]
+    if express_cost:
+        assert answered == 3, calls
+        assert calls == [["h0", "h1"], ["s0", "s1", "s2"], ["h2", "h3"]]
+        assert lanes == ["model", "model-express", "model"]
+    else:
+        assert answered == 0, calls
+        assert calls[0] == ["h0", "h1"] and ["s0", "s1", "s2"] in calls
+        assert set(lanes) == {"model"}
+
+
 def test_queued_work_past_its_deadline_gets_504_and_never_reaches_the_model():
     backend = ScriptedBackend()
     with serving(backend, _settings(request_timeout=0.5)) as client:

@@ -177,6 +177,7 @@ def create_app(backend: Backend | None = None, settings: ServerSettings | None =
         max_queue=settings.max_queue,
         metrics=metrics,
         max_batch_cost=settings.max_batch_cost,
+        express_cost=settings.express_cost,
     )
     app = FastAPI(
         title="translator",

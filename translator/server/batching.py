@@ -72,6 +72,12 @@ class MicroBatcher:
     both limits, waits up to `max_wait` seconds for more when the queue runs dry, and runs the
     blocking model call on a single thread. Each request gets back its own rows, in order.
 
+    **The express lane.** While a heavy call runs (one costing more than `express_cost`), a
+    second thread runs calls of the cheap chunks waiting (each at most `express_cost`, merged
+    up to that cost), beside it: a short request waits for no heavy call, only shares the CPU
+    with it (as Triton's priority levels and a second model instance would). When no heavy
+    call runs, there is one call at a time, as without the lane.
+
     If a merged call fails on one request's input, each request is retried alone, so one bad
     request cannot fail the others. A request whose deadline passes gets a 504 at once; its
     chunks still queued are dropped, never run. A request whose caller is cancelled (its
@@ -85,6 +91,8 @@ class MicroBatcher:
         max_queue: Requests waiting before `submit` refuses with a 503.
         metrics: Where batch sizes, model-call durations, errors and the queue depth go.
         max_batch_cost: Cost per call (None: no limit); a text costing more runs alone.
+        express_cost: Calls costing more are heavy: while one runs, cheap chunks run beside it
+            (None or 0: one call at a time, always).
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class MicroBatcher:
         max_queue: int = 256,
         metrics: Metrics | None = None,
         max_batch_cost: int | None = None,
+        express_cost: int | None = None,
     ):
         self._run = run
         self.max_batch_size = max_batch_size
@@ -102,11 +111,21 @@ class MicroBatcher:
         self.max_wait = max_wait
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
+        self.express_cost = express_cost or None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.express_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-express")
+            if self.express_cost
+            else None
+        )
         self._items: deque[_Item] = deque()
         self._running: list[_Item] = []
+        self._express_running: list[_Item] = []
+        self._heavy = False  # the main lane runs a call costing more than express_cost
         self._event: asyncio.Event | None = None
+        self._express_event: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._express_task: asyncio.Task | None = None
         self.closing = False
 
     @property
@@ -122,8 +141,12 @@ class MicroBatcher:
         self.metrics.queue_depth.set(len(self._items))
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._worker())
+        self._express_event = asyncio.Event()
+        self._task = loop.create_task(self._worker())
+        if self.express_executor is not None:
+            self._express_task = loop.create_task(self._express_worker())
 
     def begin_shutdown(self) -> None:
         """Refuses new work and answers every queued request 503 (Retry-After) at once; the
@@ -140,20 +163,23 @@ class MicroBatcher:
     async def stop(self) -> None:
         """Stops the worker; every request still waiting (queued or in a model call) gets 503."""
         self.begin_shutdown()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._task, self._express_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._express_task = None
         error = ApiError(503, "the server is shutting down")
-        for item in [*self._items, *self._running]:
+        for item in [*self._items, *self._running, *self._express_running]:
             _settle(item.request, error)
         self._items.clear()
-        self._running = []
+        self._running, self._express_running = [], []
         self._queue_changed()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self.executor, self.express_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(
         self,
@@ -207,6 +233,7 @@ class MicroBatcher:
         self._items.append(item)
         self._queue_changed()
         self._event.set()
+        self._express_event.set()
 
     def _drop(self, request: _Request) -> None:
         """Removes a request's queued chunk (its client left before it ran)."""
@@ -292,28 +319,68 @@ class MicroBatcher:
             batch = [item for item in batch if item.live]  # its caller may have left meanwhile
             if batch:
                 self._running = batch
+                if self.express_cost is not None:
+                    self._heavy = sum(item.cost for item in batch) > self.express_cost
+                    self._express_event.set()
                 try:
-                    await self._run_batch(loop, batch)
+                    await self._run_batch(loop, batch, self.executor)
                 except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
                     log.exception("model batch failed")
                     _fail(batch, e)
                 finally:
                     self._running = []
+                    self._heavy = False
 
-    async def _run_batch(self, loop, batch: list[_Item]) -> None:
+    def _take_cheap(self, now: float) -> _Item | None:
+        """The oldest queued chunk costing at most `express_cost` still worth running."""
+        for item in list(self._items):
+            if item.cost <= self.express_cost and self._usable(item, now):
+                self._items.remove(item)
+                self._queue_changed()
+                return item
+        self._items = deque(item for item in self._items if item.live)
+        self._queue_changed()
+        return None
+
+    async def _express_worker(self) -> None:
+        """The express lane: while the main lane runs a heavy call, cheap chunks run here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._express_event.clear()
+            first = self._take_cheap(loop.time()) if self._heavy else None
+            if first is None:
+                await self._express_event.wait()
+                continue
+            rows = self.max_batch_size - len(first.texts)
+            batch = [first]
+            if rows > 0:
+                batch += self._take(first.key, rows, self.express_cost - first.cost, loop.time())
+            batch = [item for item in batch if item.live]
+            if not batch:
+                continue
+            self._express_running = batch
+            try:
+                await self._run_batch(loop, batch, self.express_executor)
+            except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
+                log.exception("model batch failed")
+                _fail(batch, e)
+            finally:
+                self._express_running = []
+
+    async def _run_batch(self, loop, batch: list[_Item], executor) -> None:
         signature, version, scalars = batch[0].key
         texts = [text for item in batch for text in item.texts]
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(
-                self.executor, self._run, signature, version, texts, dict(scalars)
+                executor, self._run, signature, version, texts, dict(scalars)
             )
         except Exception as e:  # noqa: BLE001 - handed to the waiting requests
             if len(batch) > 1 and isinstance(e, ModelInputError):
                 # One request's input broke the merged call: find it, every request alone.
                 for item in batch:
                     if item.live:
-                        await self._run_batch(loop, [item])
+                        await self._run_batch(loop, [item], executor)
                 return
             # Anything else (the backend is down, a timeout) would fail every request alike.
             self.metrics.model_errors.inc()
