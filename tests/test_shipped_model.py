@@ -61,6 +61,12 @@ latest = max((p for p in base.iterdir() if p.name.isdigit()), key=lambda p: int(
 model = tf.saved_model.load(str(latest))
 out = model.signatures["serving_default"](text=tf.constant({SENTENCES!r}))
 assert not any(m == "translator" or m.startswith("translator.") for m in sys.modules)
+# A source over 255 subwords is refused, never cut (the export of 2026-12-06 on).
+try:
+    model.signatures["serving_default"](text=tf.constant(["a " * 400]))
+    sys.exit("an over-long source was translated, not refused")
+except tf.errors.InvalidArgumentError as e:
+    assert "over the limit of 255 subwords" in e.message, e.message
 print(json.dumps([t.decode() for t in out["translation"].numpy()]))
 """
     served = json.loads(_run([sys.executable, "-c", code]).strip().splitlines()[-1])
