@@ -8,35 +8,7 @@ import logging
 import os
 import sys
 
-
-def _setup_logging(verbose: bool, start_devices: bool = True) -> None:
-    """Our own INFO lines (progress, results); TensorFlow's only when they are errors.
-
-    TensorFlow's native start-up lines were filtered when the package was imported (see
-    `translator.startup`); the device start-up below is filtered the same way. `-v` shows
-    everything: the filtered lines, TensorFlow's warnings, our DEBUG lines.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    import tensorflow as tf
-
-    from translator.startup import native_stderr_filter, suppressed
-
-    # TensorFlow's Python logger has a handler of its own: through ours too, each line twice.
-    tf_logger = logging.getLogger("tensorflow")
-    tf_logger.propagate = False
-    tf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
-    # absl's INFO lines (e.g. "Function `_translate` contains input name(s) ..." on export).
-    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if start_devices:  # not for `train`: a multi-worker strategy must configure them first
-        with native_stderr_filter():  # the CUDA probe ("failed call to cuInit") on CPU-only hosts
-            tf.config.list_logical_devices()
-    if verbose:
-        sys.stderr.writelines(suppressed)
+from translator.startup import configure_output
 
 
 def cmd_train(args) -> int:
@@ -414,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, start_devices=args.command != "train")
+    configure_output(args.verbose, start_devices=args.command != "train")
     from translator.checkpoint import CheckpointError
     from translator.config import ConfigError
 

@@ -11,12 +11,17 @@ match `NOISE` (and only those), and writes every other line back unchanged, so a
 still reaches the terminal. The dropped lines are kept in `suppressed` (`translator -v` prints
 them). Setting ``TRANSLATOR_TF_LOGS=1`` turns the filter off.
 
-This module imports nothing heavy: it runs before TensorFlow is imported.
+`configure_output` is the CLI's set-up: log levels (ours at INFO, TensorFlow's and absl's only
+when they are errors or warnings) and the device start-up, filtered the same way.
+
+This module imports nothing heavy: it runs before TensorFlow is imported (`configure_output`
+imports it when called).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -73,3 +78,36 @@ def native_stderr_filter():
                 (suppressed if NOISE.search(line) else kept).append(line)
             if kept:
                 os.write(2, "".join(kept).encode("utf-8"))
+
+
+def configure_output(verbose: bool, start_devices: bool = True) -> None:
+    """A command's output: our own INFO lines (progress, results); TensorFlow's only when they
+    are errors.
+
+    TensorFlow's native start-up lines were filtered when the package was imported; the device
+    start-up here is filtered the same way. `verbose` (`-v`) shows everything: the filtered
+    lines, TensorFlow's warnings, our DEBUG lines.
+
+    Args:
+        start_devices: Initialize TensorFlow's devices now, filtered (not for `train`: a
+            multi-worker strategy must configure them first; training filters its own).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    import tensorflow as tf
+
+    # TensorFlow's Python logger has a handler of its own: through ours too, each line twice.
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.propagate = False
+    tf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # absl's INFO lines (e.g. "Function `_translate` contains input name(s) ..." on export).
+    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if start_devices:
+        with native_stderr_filter():  # the CUDA probe ("failed call to cuInit") on CPU-only hosts
+            tf.config.list_logical_devices()
+    if verbose:
+        sys.stderr.writelines(suppressed)

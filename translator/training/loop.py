@@ -20,6 +20,7 @@ from translator.config import Config, decoding_options
 from translator.files import atomic_write
 from translator.hardware import resolve_precision
 from translator.inference import Translator
+from translator.startup import native_stderr_filter
 from translator.training.building import (
     build_model,
     compile_model,
@@ -76,7 +77,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict:
     before when `train` returns.
     """
     # First of all: MultiWorkerMirroredStrategy sets up the runtime before anything runs.
-    strategy = make_strategy(config.training.strategy)
+    with native_stderr_filter():  # device start-up: the CUDA probe on CPU-only hosts
+        strategy = make_strategy(config.training.strategy)
+        tf.config.list_logical_devices()  # after the strategy: it may configure them first
     run_dir = Path(run_dir)
     if strategy.extended.should_checkpoint:
         with RunDirLock(run_dir) as lock:
