@@ -466,6 +466,96 @@ def test_repeat_runs_past_one_epoch(tokenizer):
     assert total > 2 * len(PAIRS)
 
 
+@pytest.fixture(scope="module")
+def unigram_tokenizer(tmp_path_factory):
+    texts = [sentence for pair in PAIRS for sentence in pair]
+    path = tmp_path_factory.mktemp("spm") / "unigram.model"
+    return SentencePieceTokenizer(
+        model_path=train_sentencepiece(texts, path, vocab_size=100, model_type="unigram")
+    )
+
+
+def _rows(ids):  # a padded [B, T] batch -> the rows without PAD, BOS and EOS
+    return [tuple(int(i) for i in row if i not in (PAD_ID, BOS_ID, EOS_ID)) for row in ids]
+
+
+def test_subword_alpha_samples_segmentations_every_epoch(unigram_tokenizer):
+    tokenizer = unigram_tokenizer
+    pairs = PAIRS[:8]
+    best = {
+        text: tuple(ids)
+        for pair in pairs
+        for text, ids in zip(pair, tokenizer.tokenize(list(pair)).to_list(), strict=True)
+    }
+    # The longest best segmentation: every pair is kept, and longer samples fall back.
+    max_length = max(len(ids) for ids in best.values())
+    dataset = make_dataset(
+        pairs,
+        tokenizer,
+        tokenizer,
+        batch_tokens=256,
+        max_length=max_length,
+        repeat=True,
+        subword_alpha=0.5,
+    )
+    segmentations = collections.defaultdict(set)
+    for inputs, target_out, _ in dataset.take(30):
+        source, target_in = inputs["source_ids"].numpy(), inputs["target_in_ids"].numpy()
+        target_out = target_out.numpy()
+        for src_row, in_row, out_row in zip(source, target_in, target_out, strict=True):
+            m, n = int(np.sum(src_row != PAD_ID)), int(np.sum(out_row != PAD_ID))
+            assert src_row[m - 1] == EOS_ID and in_row[0] == BOS_ID and out_row[n - 1] == EOS_ID
+            np.testing.assert_array_equal(in_row[1:n], out_row[: n - 1])
+            assert m <= max_length + 1 and n <= max_length + 1  # over-long samples fell back
+        for ids, text in (
+            *zip(_rows(source), tokenizer.detokenize(source).numpy(), strict=True),
+            *zip(_rows(target_out), tokenizer.detokenize(target_out).numpy(), strict=True),
+        ):
+            segmentations[text.decode()].add(ids)
+    assert set(segmentations) == set(best)  # every sampled sequence detokenizes to its sentence
+    # Dozens of epochs: every sentence with room for longer samples was segmented in at least
+    # two ways (the longest ones mostly fall back to their best segmentation).
+    roomy = [text for text, ids in best.items() if len(ids) < max_length - 2]
+    assert len(roomy) >= len(best) // 2
+    counts = {text: len(segmentations[text]) for text in roomy}
+    assert all(count >= 2 for count in counts.values()), counts
+
+
+def test_subword_alpha_zero_is_the_best_segmentation(tokenizer):
+    def batches(**kwargs):
+        return _batches(
+            make_dataset(
+                PAIRS, tokenizer, tokenizer, batch_tokens=256, max_length=40, seed=5, **kwargs
+            )
+        )
+
+    best = {
+        text: tuple(ids)
+        for pair in PAIRS
+        for text, ids in zip(pair, tokenizer.tokenize(list(pair)).to_list(), strict=True)
+    }
+    default, off = batches(), batches(subword_alpha=0.0)
+    assert len(default) == len(off)
+    for a, b in zip(default, off, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    for source, _, target_out, _ in off:
+        english = [t.decode() for t in tokenizer.detokenize(source).numpy()]
+        french = [t.decode() for t in tokenizer.detokenize(target_out).numpy()]
+        assert [best[t] for t in english] == _rows(source)
+        assert [best[t] for t in french] == _rows(target_out)
+
+
+def test_config_subword_alpha_range():
+    from translator.config import ConfigError, DataConfig, load_config
+
+    assert DataConfig().subword_alpha == 0.0
+    assert load_config(None, ["data.subword_alpha=0.3"]).data.subword_alpha == 0.3
+    for value in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match="data.subword_alpha"):
+            load_config(None, [f"data.subword_alpha={value}"])
+
+
 def test_eval_batches_restore_the_input_order(tokenizer):
     sentences = [en for en, _ in PAIRS[:13]] + ["A dog."]
     dataset, order = data.make_eval_batches(sentences, tokenizer, batch_size=4)

@@ -46,6 +46,13 @@ class DataConfig(_Section):
     max_length: Annotated[int, Field(ge=2, le=1024)] = 80
     # Tokens per batch (source + target padded lengths drive the bucket sizes).
     batch_tokens: Annotated[int, Field(ge=16)] = 2048
+    # SentencePiece subword regularization (Kudo, 2018) for the training pairs: each epoch every
+    # training sentence (both sides) is tokenized by sampling a segmentation (unigram models:
+    # nbest_size=-1 and this alpha; a smaller alpha gives more varied segmentations; a BPE model
+    # reads it as the BPE-dropout probability). 0 = off (the best segmentation, as before). Which
+    # pairs max_length keeps is decided on the best segmentation; a sample over max_length falls
+    # back to it. Validation, evaluation and inference never sample. Samples are not seeded.
+    subword_alpha: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class TokenizerConfig(_Section):

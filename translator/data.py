@@ -4,11 +4,15 @@ import logging
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_text as tf_text
 
 from translator.corpora import DataError
 from translator.tokenizer import PAD_ID, add_specials
 
 logger = logging.getLogger("translator.data")
+
+# Examples tokenized per call of the sampling tokenizer under `make_dataset(subword_alpha=...)`.
+SAMPLE_CHUNK = 256
 
 
 def default_buckets(max_length):
@@ -43,6 +47,7 @@ def make_dataset(
     repeat=False,
     drop_remainder=False,
     pad_to_bucket=False,
+    subword_alpha=0.0,
 ):
     """Builds the training `tf.data.Dataset` of padded, length-bucketed, shifted batches.
 
@@ -80,6 +85,19 @@ def make_dataset(
         pad_to_bucket: bool, pad source and target of a batch to its bucket's upper bound, so
             batches come in one shape per bucket (with `repeat` or `drop_remainder`): an
             XLA-compiled training step then compiles once per bucket, not once per shape.
+        subword_alpha: float in [0, 1], SentencePiece subword regularization (Kudo, 2018):
+            when > 0, every kept pair is tokenized again each epoch (each pass of `repeat`)
+            by sampling a segmentation of both sides (`nbest_size=-1`, smoothing `alpha`;
+            a smaller alpha gives more varied segmentations; for a BPE model SentencePiece
+            reads alpha as the BPE-dropout probability instead). Which pairs are kept (and
+            counted) is still decided by the best segmentation, and a side whose sampled
+            segmentation is longer than `max_length` falls back to its best segmentation
+            (never dropped or cut). 0 (the default) keeps the best segmentation, with the
+            pipeline exactly as without this option. Only for training data: validation,
+            evaluation and inference never sample. The samples are not reproducible:
+            `tensorflow_text.SentencepieceTokenizer` takes no seed (SentencePiece draws from
+            its own per-thread generator), so only the order (`seed`) is deterministic, and
+            the bucketing (by sampled lengths) makes the batches differ from run to run.
 
     Returns:
         `tf.data.Dataset` of `({"source_ids": int32 [B, S], "target_in_ids": int32 [B, T]},
@@ -90,7 +108,12 @@ def make_dataset(
 
     >>> dataset = make_dataset(pairs, tokenizer, tokenizer, batch_tokens=2048)  # doctest: +SKIP
     >>> inputs, target_out_ids, sample_weight = next(iter(dataset))  # doctest: +SKIP
+
+    References:
+        - [Kudo, 2018](https://arxiv.org/abs/1804.10959), subword regularization.
     """
+    if not 0 <= subword_alpha <= 1:
+        raise ValueError(f"`subword_alpha` must be in [0, 1]. Received: {subword_alpha}")
     if not pairs:
         raise DataError("make_dataset: no sentence pairs were given.")
     boundaries = sorted(default_buckets(max_length) if buckets is None else buckets)
@@ -107,43 +130,70 @@ def make_dataset(
     def tokenize(source, target):  # [chunk] strings -> [chunk, (tokens)] ids
         return source_tokenizer.tokenize(source), target_tokenizer.tokenize(target)
 
+    def tokenize_keeping_text(source, target):  # the ids, then the strings to sample from
+        return (*tokenize(source, target), source, target)
+
     # Tokenize, filter and add BOS/EOS a chunk of sentences at a time: one op call per
     # chunk instead of per-example work in every epoch.
     chunks = (
         tf.data.Dataset.from_tensor_slices((sources, targets))
         .batch(1024)
-        .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(
+            tokenize_keeping_text if subword_alpha else tokenize,
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     )
     if cache:
         # The counting pass below fills this cache, so the pipeline never tokenizes twice.
         chunks = chunks.cache()
     kept = _count_kept(chunks, len(pairs), max_length)
 
-    def select(source, target):  # ragged [chunk, (tokens)] each
+    def keep_mask(source, target):  # ragged [chunk, (tokens)] each -> bool [chunk]
         source_lengths, target_lengths = source.row_lengths(), target.row_lengths()
-        keep = (
+        return (
             (source_lengths > 0)
             & (target_lengths > 0)
             & (source_lengths <= max_length)
             & (target_lengths <= max_length)
         )
+
+    def select(source, target):  # ragged [chunk, (tokens)] each
+        keep = keep_mask(source, target)
         source = tf.ragged.boolean_mask(source, keep)
         target = tf.ragged.boolean_mask(target, keep)
+        return with_specials(source, target)
+
+    def with_specials(source, target):
         return (
             add_specials(source, add_eos=True),  # source_ids
             add_specials(target, add_bos=True),  # target_in_ids
             add_specials(target, add_eos=True),  # target_out_ids
         )
 
+    def select_keeping_text(source, target, source_text, target_text):
+        # The kept pairs' strings (to sample from) and best ids (the fallback), no BOS/EOS.
+        keep = keep_mask(source, target)
+        return (
+            tf.boolean_mask(source_text, keep),
+            tf.boolean_mask(target_text, keep),
+            tf.ragged.boolean_mask(source, keep),
+            tf.ragged.boolean_mask(target, keep),
+        )
+
     # Rows of an unbatched ragged tensor keep a ragged spec, which `padded_batch` refuses;
     # inside a map they are plain tensors.
-    dataset = chunks.map(select).unbatch().map(lambda *example: example)
+    dataset = chunks.map(select_keeping_text if subword_alpha else select)
+    dataset = dataset.unbatch().map(lambda *example: example)
     if cache:
         dataset = dataset.cache()
     if shuffle:
         dataset = dataset.shuffle(min(kept, 1_000_000), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
+    if subword_alpha:
+        dataset = _sample_segmentations(
+            dataset, source_tokenizer, target_tokenizer, subword_alpha, max_length, with_specials
+        )
 
     pad = tf.constant(PAD_ID, tf.int32)
     dataset = dataset.bucket_by_sequence_length(
@@ -179,10 +229,51 @@ def make_dataset(
     return dataset.map(to_keras).prefetch(tf.data.AUTOTUNE)
 
 
+def _sample_segmentations(dataset, source_tokenizer, target_tokenizer, alpha, max_length, finish):
+    """Tokenizes `(source_text, target_text, source_ids, target_ids)` examples again by
+    sampling a segmentation of each side, `SAMPLE_CHUNK` examples per op call; a side whose
+    sample is over `max_length` tokens keeps its `*_ids` (the best segmentation). `finish`
+    turns the ragged `(source, target)` ids of a chunk into the examples' tensors."""
+
+    def sampler(tokenizer):
+        return tf_text.SentencepieceTokenizer(
+            model=tokenizer.proto, out_type=tf.int32, nbest_size=-1, alpha=alpha
+        )
+
+    source_sampler = sampler(source_tokenizer)
+    target_sampler = (
+        source_sampler
+        if target_tokenizer.proto == source_tokenizer.proto
+        else sampler(target_tokenizer)
+    )
+
+    def sample(text, best, tokenizer):  # [chunk] strings, ragged [chunk, (tokens)] ids
+        sampled = tokenizer.tokenize(text)
+        rows = tf.range(tf.shape(text, out_type=tf.int64)[0])
+        too_long = sampled.row_lengths() > max_length
+        # Row i of [sampled; best] is sampled[i], row n + i is best[i].
+        rows = tf.where(too_long, rows + tf.shape(text, out_type=tf.int64)[0], rows)
+        return tf.gather(tf.concat([sampled, best], axis=0), rows)
+
+    def resample(source_text, target_text, source, target):
+        return finish(
+            sample(source_text, source, source_sampler),
+            sample(target_text, target, target_sampler),
+        )
+
+    # `ragged_batch`: the best ids have a length of their own per example.
+    return (
+        dataset.ragged_batch(SAMPLE_CHUNK)
+        .map(resample, num_parallel_calls=tf.data.AUTOTUNE)
+        .unbatch()
+        .map(lambda *example: example)  # plain tensors, not ragged rows (see make_dataset)
+    )
+
+
 def _count_kept(chunks, total, max_length):
     """Counts the pairs `make_dataset` keeps, logs the dropped ones, fails if none is left."""
     source_lengths, target_lengths = [], []
-    for source, target in chunks:
+    for source, target, *_ in chunks:
         source_lengths.append(source.row_lengths().numpy())
         target_lengths.append(target.row_lengths().numpy())
     source_lengths = np.concatenate(source_lengths)

@@ -148,7 +148,9 @@ def batch_maker(config: Config, source_tokenizer, target_tokenizer):
     """`training_batches(pairs)`: the shuffled, repeated `(inputs, target_out_ids)` batches.
 
     The data order is a pure function of `training.seed`, so a resumed run skips the batches it
-    consumed already and goes on with exactly those it would have seen.
+    consumed already and goes on with exactly those it would have seen. With
+    `data.subword_alpha > 0` the sampled segmentations are not seeded (tensorflow-text takes no
+    seed), so a resumed run goes on with the same pair order but other samples, and other batches.
     """
 
     def training_batches(pairs):
@@ -162,6 +164,7 @@ def batch_maker(config: Config, source_tokenizer, target_tokenizer):
             seed=config.training.seed,
             repeat=True,
             pad_to_bucket=config.training.jit_compile,  # one XLA program per bucket, not per batch shape
+            subword_alpha=config.data.subword_alpha,  # training only: validation never samples
         ).map(lambda inputs, target_out, _: (inputs, target_out))  # the loss masks PAD itself
 
     return training_batches
