@@ -570,8 +570,6 @@ def test_eval_batches_restore_the_input_order(tokenizer):
 # The real corpora (in CI: ../shared/data).
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("TRANSLATOR_DATA_DIR"), reason="TRANSLATOR_DATA_DIR not set")
 def _write_documents(folder, corpus, documents):
     """`documents`: {name: number of lines}; writes train.{en,fr,ids}.gz of a document corpus."""
     rows = [(name, i) for name, count in documents.items() for i in range(count)]
@@ -645,6 +643,8 @@ def test_missing_news_names_the_files_and_sacrebleu(tmp_path, monkeypatch):
     assert "newstest2013.en.gz" in message and "sacrebleu -t wmt13 -l en-fr" in message
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TRANSLATOR_DATA_DIR"), reason="TRANSLATOR_DATA_DIR not set")
 def test_real_corpora_split_sizes():
     sizes = {split: len(load_pairs("multi30k", split)) for split in ("train", "val", "test")}
     assert sizes == {"train": 29_000, "val": 1_014, "test": 1_000}
