@@ -323,10 +323,7 @@ class MicroBatcher:
                     self._heavy = sum(item.cost for item in batch) > self.express_cost
                     self._express_event.set()
                 try:
-                    await self._run_batch(loop, batch, self.executor)
-                except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
-                    log.exception("model batch failed")
-                    _fail(batch, e)
+                    await self._run_guarded(loop, batch, self.executor)
                 finally:
                     self._running = []
                     self._heavy = False
@@ -360,12 +357,17 @@ class MicroBatcher:
                 continue
             self._express_running = batch
             try:
-                await self._run_batch(loop, batch, self.express_executor)
-            except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
-                log.exception("model batch failed")
-                _fail(batch, e)
+                await self._run_guarded(loop, batch, self.express_executor)
             finally:
                 self._express_running = []
+
+    async def _run_guarded(self, loop, batch: list[_Item], executor) -> None:
+        """`_run_batch`; an unexpected error fails the batch's requests, never the worker."""
+        try:
+            await self._run_batch(loop, batch, executor)
+        except Exception as e:  # noqa: BLE001 - never let one batch stop the worker
+            log.exception("model batch failed")
+            _fail(batch, e)
 
     async def _run_batch(self, loop, batch: list[_Item], executor) -> None:
         signature, version, scalars = batch[0].key
