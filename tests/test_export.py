@@ -102,7 +102,8 @@ def test_saved_model_cli_lists_both_signatures(tiny_export_dir):
         (default, [("text", "DT_STRING", "(-1)"), ("translation", "DT_STRING", "(-1)"),
                    ("score", "DT_FLOAT", "(-1)")]),
         (translate, [("text", "DT_STRING", "(-1)"), ("beam_size", "DT_INT32", "()"),
-                     ("n_best", "DT_INT32", "()"), ("length_penalty", "DT_FLOAT", "()"),
+                     ("n_best", "DT_INT32", "()"),
+                     ("length_penalty", "DT_FLOAT", "unknown_rank"),  # one, or one per text
                      ("translations", "DT_STRING", "(-1, -1)"), ("scores", "DT_FLOAT", "(-1, -1)"),
                      ("alignments", "DT_FLOAT", "(-1, -1, -1, -1)"),
                      ("source_tokens", "DT_STRING", "(-1, -1)"),
@@ -317,6 +318,35 @@ def translate_signature(version, texts, beam_size, length_penalty, n_best=1):
 
 def strings(values):
     return [v.decode("utf-8") for v in values if v]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_translate_signature_takes_a_length_penalty_per_text(tiny_export_dir, beam_size):
+    """One call with a penalty per text = each text translated alone with its penalty (what
+    lets the server merge requests with different penalties into one model call); a scalar
+    still works, and a wrong count is an error that says what to give."""
+    import tensorflow as tf
+
+    from translator.inference import load
+
+    alphas = [0.0, 3.0, 0.6, 6.0]
+    served = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, alphas, n_best=1)
+    translator = load(tiny_export_dir)
+    for row, (text, alpha) in enumerate(zip(TEXTS, alphas, strict=True)):
+        [alone] = translator.translate(
+            [text], beam_size=beam_size, length_penalty=alpha, segment=False
+        )
+        assert served["translations"][row, 0].decode() == alone.text
+        np.testing.assert_allclose(served["scores"][row, 0], alone.score, rtol=1e-5, atol=1e-5)
+    # The penalties reach the scores: the same hypotheses rescored with one penalty differ.
+    shared = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, 0.0, n_best=1)
+    assert not np.allclose(shared["scores"][[1, 3], 0], served["scores"][[1, 3], 0])
+    one = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, [3.0], n_best=1)
+    many = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, [3.0] * 4, n_best=1)
+    np.testing.assert_allclose(one["scores"], many["scores"], rtol=1e-6)
+    for bad in ([0.6, 0.6], [[0.6]] * 4):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="one value, or one per text"):
+            translate_signature(tiny_export_dir / "1", TEXTS, beam_size, bad)
 
 
 def test_beam_size_1_is_greedy_through_translator_and_savedmodel(tiny_export_dir):

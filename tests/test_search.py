@@ -446,6 +446,29 @@ def test_batch_equals_sentences_decoded_alone():
     assert_padded(batch)
 
 
+@pytest.mark.parametrize("early_stopping", search.EARLY_STOPPING)
+def test_per_sentence_length_penalty_equals_each_sentence_with_its_own(early_stopping):
+    # One search with a penalty per sentence = each sentence searched with its penalty alone
+    # (what lets the server merge requests with different length_penalty into one call).
+    tree = random_tree(max_length=5, batch_size=4, seed=11, attention_size=4)
+    alphas = [0.0, 2.5, 0.6, 6.0]
+    options = dict(beam_size=3, n_best=2, early_stopping=early_stopping)
+    batch = run(search.beam_search, **tree.args(), **options, length_penalty=tf.constant(alphas))
+    for b, alpha in enumerate(alphas):
+        alone = run(search.beam_search, **tree.args(5, [b]), **options, length_penalty=alpha)
+        assert hypotheses(batch, b) == hypotheses(alone, 0)
+        np.testing.assert_allclose(batch.scores[b], alone.scores[0], rtol=1e-6)
+        for (score, log_prob), h in zip(
+            zip(batch.scores[b].numpy(), batch.log_probs[b].numpy(), strict=True),
+            hypotheses(batch, b),
+            strict=True,
+        ):
+            np.testing.assert_allclose(score, log_prob / lp(len(h), alpha), rtol=1e-5)
+    # The penalties matter here: with one penalty for all, some sentence's best would differ.
+    same = run(search.beam_search, **tree.args(), **options, length_penalty=0.0)
+    assert any(hypotheses(same, b) != hypotheses(batch, b) for b in range(1, 4))
+
+
 # Length penalty, frozen hypotheses, coverage penalty.
 
 

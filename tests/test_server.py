@@ -482,6 +482,46 @@ def test_micro_batcher_merges_equal_options_and_gives_each_request_its_rows():
     assert metrics.registry.get_sample_value("translator_batch_requests_sum") == 9
 
 
+def test_micro_batcher_merges_requests_that_differ_only_in_per_row_inputs():
+    calls = []
+
+    def run(signature, version, texts, scalars):
+        calls.append((tuple(texts), dict(scalars)))
+        alpha = scalars["alpha"]
+        alphas = alpha if isinstance(alpha, list) else [alpha] * len(texts)
+        return {"echo": np.array(texts, dtype=object), "alpha": np.array(alphas)}
+
+    async def main():
+        batcher = MicroBatcher(run, max_batch_size=4, max_wait=0.05, max_queue=100)
+        batcher.start()
+        jobs = [
+            batcher.submit("s", None, ["a0", "a1"], {"k": 1}, rows={"alpha": 0.5}),
+            batcher.submit("s", None, ["b0"], {"k": 1}, rows={"alpha": 1.5}),
+            # One value per text, and more texts than one call: its values follow its chunks.
+            batcher.submit(
+                "s", None, [f"c{i}" for i in range(5)], {"k": 1}, rows={"alpha": [1, 2, 3, 4, 5]}
+            ),
+            batcher.submit("s", None, ["d0"], {"k": 2}, rows={"alpha": 0.5}),  # not mergeable
+        ]
+        results = await asyncio.gather(*jobs)
+        same = await batcher.submit("s", None, ["e0", "e1"], {"k": 1}, rows={"alpha": 0.7})
+        await batcher.stop()
+        return results, same
+
+    results, same = asyncio.run(main())
+    expected = [[0.5, 0.5], [1.5], [1, 2, 3, 4, 5], [0.5]]
+    for result, alphas in zip(results, expected, strict=True):
+        assert result["alpha"].tolist() == alphas  # each text decoded with its own value
+    by_texts = {texts: scalars for texts, scalars in calls}
+    assert by_texts[("a0", "a1", "b0")] == {"k": 1, "alpha": [0.5, 0.5, 1.5]}  # one call
+    assert by_texts[("c0", "c1", "c2", "c3")] == {"k": 1, "alpha": [1, 2, 3, 4]}
+    assert by_texts[("c4",)] == {"k": 1, "alpha": 5}
+    assert by_texts[("d0",)] == {"k": 2, "alpha": 0.5}
+    assert len(calls) == 5
+    # Texts that agree get one value, as before per-row inputs existed.
+    assert by_texts[("e0", "e1")] == {"k": 1, "alpha": 0.7} and same["alpha"].tolist() == [0.7] * 2
+
+
 def test_micro_batcher_isolates_a_failing_request_and_sheds_load():
     calls = []
 
@@ -576,6 +616,47 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_answer(backend, ti
     merged = _metric(metrics, "translator_batch_requests_sum")
     assert merged == 2 * len(sentences)  # every request once (the warm-up ran before)
     assert calls < 2 * len(sentences)  # the concurrent half shared model calls
+
+
+def test_requests_with_different_length_penalties_share_model_calls(backend, tiny_export_dir):
+    """The export takes a length penalty per text, so the service merges requests that differ
+    in it (before: one model call per distinct penalty); each still gets its own answer."""
+    assert backend.signatures()["translate"].row_inputs == {"length_penalty"}
+    settings = ServerSettings(model=str(tiny_export_dir), max_wait_ms=50)
+    sentences = ["one red cat", "two big cars", "a small green tree", "big house"]
+    requests = [
+        {"text": s, "beam_size": 3, "length_penalty": alpha}
+        for s in sentences
+        for alpha in (0.0, 1.0, 4.0)
+    ]
+    with TestClient(create_app(backend, settings)) as client:
+        solo = [client.post("/v1/translate", json=r).json() for r in requests]
+        before = _metric(client.get("/metrics").text, "translator_batch_requests_count")
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: client.post("/v1/translate", json=r), requests))
+        calls = _metric(client.get("/metrics").text, "translator_batch_requests_count") - before
+        # :predict takes one value or one per text as well
+        body = {
+            "signature_name": "translate",
+            "inputs": {"text": sentences, "beam_size": 3, "n_best": 1,
+                       "length_penalty": [0.0, 1.0, 4.0, 1.0]},
+        }  # fmt: skip
+        predicted = client.post("/v1/models/tiny:predict", json=body)
+        body["inputs"]["length_penalty"] = [0.0, 1.0]
+        wrong = client.post("/v1/models/tiny:predict", json=body)
+    for alone, response in zip(solo, together, strict=True):
+        assert response.status_code == 200
+        got = response.json()["translations"][0]
+        assert got["text"] == alone["translations"][0]["text"]
+        assert got["score"] == pytest.approx(alone["translations"][0]["score"], abs=1e-4)
+    assert calls <= 2  # 12 requests, 3 penalties: before, one call per penalty at least
+    assert len({r["translations"][0]["score"] for r in solo[:3]}) == 3  # the penalty counts
+    assert predicted.status_code == 200, predicted.text
+    scores = predicted.json()["outputs"]["scores"]
+    for i, alpha in enumerate([0.0, 1.0, 4.0, 1.0]):
+        k = requests.index({"text": sentences[i], "beam_size": 3, "length_penalty": alpha})
+        assert scores[i][0] == pytest.approx(solo[k]["translations"][0]["score"], abs=1e-4)
+    assert wrong.status_code == 400 and "one value, or one per text" in wrong.text
 
 
 def _metric(text, name):

@@ -12,7 +12,8 @@ An export directory is what TF Serving watches, plus what Python users load:
 Everything in a version's graph is TensorFlow or TF Text: SentencePiece tokenization, the encoder,
 the batched beam search (`tf.while_loop`) and detokenization, so stock `tensorflow_model_server`
 serves it without Python. Beam size, n-best and length penalty are inputs of the `translate`
-signature, not constants of the trace.
+signature, not constants of the trace; the length penalty is one value or one per text (an input
+of unknown rank), so requests with different penalties can share a call.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class ServingModule(tf.Module):
                 tf.TensorSpec([None], tf.string, name="text"),
                 tf.TensorSpec([], tf.int32, name="beam_size"),
                 tf.TensorSpec([], tf.int32, name="n_best"),
-                tf.TensorSpec([], tf.float32, name="length_penalty"),
+                # A scalar, or one value per text (any rank in the signature; the graph checks
+                # rank <= 1 and the count): texts with different penalties share one call.
+                tf.TensorSpec(None, tf.float32, name="length_penalty"),
             ],
         )
 

@@ -154,7 +154,7 @@ class Translator:
                 tf.TensorSpec([None], tf.string, name="text"),
                 tf.TensorSpec([], tf.int32, name="beam_size"),
                 tf.TensorSpec([], tf.int32, name="n_best"),
-                tf.TensorSpec([], tf.float32, name="length_penalty"),
+                tf.TensorSpec(None, tf.float32, name="length_penalty"),  # one, or one per text
                 tf.TensorSpec([], tf.float32, name="coverage_penalty"),
             ],
         )
@@ -228,21 +228,36 @@ class Translator:
 
     def translate_tensors(self, text, beam_size, n_best, length_penalty, coverage_penalty):
         """The translation as TF ops, for tracing into a `tf.function` (see `translate_graph`
-        and the export's signatures): `text` `(batch,)` strings and scalar options in, a dict
-        of `translations` `(batch, n_best)`, `scores`, `ids`, `lengths`, `alignments`,
-        `source_ids` and `source_lengths` out."""
+        and the export's signatures): `text` `(batch,)` strings and scalar options in (the
+        length penalty a scalar or one per text, `(batch,)`: texts decoded with different
+        penalties share one search), a dict of `translations` `(batch, n_best)`, `scores`,
+        `ids`, `lengths`, `alignments`, `source_ids` and `source_lengths` out."""
         text = tf.convert_to_tensor(text, tf.string)
+        length_penalty = tf.convert_to_tensor(length_penalty, tf.float32)
+        alphas = tf.size(length_penalty)
         checks = [
             tf.debugging.assert_greater_equal(beam_size, 1, message="beam_size must be at least 1"),
             tf.debugging.assert_greater_equal(n_best, 1, message="n_best must be at least 1"),
             tf.debugging.assert_less_equal(
                 n_best, beam_size, message="n_best must not be larger than beam_size"
             ),
+            tf.debugging.Assert(
+                (tf.rank(length_penalty) <= 1)
+                & ((alphas == 1) | (alphas == tf.size(text)) | (tf.rank(length_penalty) == 0)),
+                [
+                    tf.strings.format(
+                        "length_penalty has shape {} for {} texts: give one value, or one per text",
+                        (tf.shape(length_penalty), tf.size(text)),
+                    )
+                ],
+                name="length_penalty_check",
+            ),
         ]
         with tf.control_dependencies(checks):
             source_ids, source_lengths = self.encode_source(text)
         constants, state = self.model.encode(source_ids)
         batch = tf.shape(source_ids)[0]
+        alpha = tf.broadcast_to(tf.reshape(length_penalty, [-1]), [batch])  # (batch,)
         max_length = (
             tf.cast(
                 tf.math.ceil(self.max_length_ratio * tf.cast(source_lengths, tf.float32)), tf.int32
@@ -263,7 +278,7 @@ class Translator:
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
             r = search.greedy_search(self.model.step_function(self.projection_dtype), **search_args)
-            scores = r.log_probs / search.gnmt_length_penalty(r.lengths, length_penalty)
+            scores = r.log_probs / search.gnmt_length_penalty(r.lengths, alpha[:, tf.newaxis])
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
@@ -273,7 +288,7 @@ class Translator:
                 tile_constants=False,
                 beam_size=beam_size,
                 n_best=n_best,
-                length_penalty=length_penalty,
+                length_penalty=alpha,
                 coverage_penalty=coverage_penalty,
                 early_stopping=self.early_stopping,
                 **search_args,

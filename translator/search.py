@@ -235,7 +235,8 @@ def beam_search(
         beam_size: int scalar >= 1.
         n_best: int scalar, `1 <= n_best <= beam_size`, hypotheses returned per
             sentence.
-        length_penalty: float scalar, the GNMT `alpha`; 0 ranks by log-probability.
+        length_penalty: float scalar or `[batch]`, the GNMT `alpha` (one per sentence:
+            sentences with different penalties share one search); 0 ranks by log-probability.
         coverage_penalty: float scalar, the GNMT `beta`; needs a step function
             that returns attention.
         return_alignment: if `True`, also return the attention of every token.
@@ -277,7 +278,6 @@ def beam_search(
         raise ValueError(
             f"early_stopping must be one of {', '.join(EARLY_STOPPING)}, got {early_stopping!r}"
         )
-    alpha = tf.cast(length_penalty, tf.float32)
     beta = tf.cast(coverage_penalty, tf.float32)
     static_beta = tf.get_static_value(beta)
     static_beam, static_n_best = tf.get_static_value(beam_size), tf.get_static_value(n_best)
@@ -300,6 +300,7 @@ def beam_search(
     end_id = tf.cast(end_id, tf.int32)
     batch_size = tf.shape(start_ids)[0]
     max_length = tf.broadcast_to(tf.cast(max_length, tf.int32), [batch_size])
+    alpha = tf.broadcast_to(tf.cast(length_penalty, tf.float32), [batch_size])  # [B]
     # Best final score an alive beam can reach is bounded through lp at max_length.
     max_length_penalty = gnmt_length_penalty(max_length, alpha)  # [B]
     batch_offsets = tf.range(batch_size)[:, tf.newaxis] * beam_size  # [B, 1]
@@ -370,7 +371,7 @@ def beam_search(
 
     def advance(step, summary, state_flat, attention, carry):
         length = step + 1  # every candidate of this step has this many tokens
-        penalty = gnmt_length_penalty(length, alpha)
+        penalty = gnmt_length_penalty(length, alpha)[:, tf.newaxis]  # [B, 1]
         offset = carry["alive_log_probs"] - tf.reshape(
             summary["log_normalizer"], [batch_size, beam_size]
         )  # [B, K]
@@ -483,7 +484,8 @@ def gnmt_length_penalty(length, alpha):
 
     Args:
         length: int or float tensor, hypothesis length (end id included).
-        alpha: float scalar; 0 disables the penalty (`lp = 1`).
+        alpha: float scalar, or a tensor that broadcasts against `length`; 0 disables the
+            penalty (`lp = 1`).
 
     Returns:
         A float32 tensor of the shape of `length`.

@@ -36,7 +36,11 @@ class SignatureInfo:
     inputs: dict[str, tuple[str, int | None]]  # name -> (dtype, rank or None if unknown)
     outputs: list[str]
     text_input: str | None = None  # the rank-1 DT_STRING input
-    scalars: dict[str, str] = field(default_factory=dict)  # rank-0 inputs -> dtype
+    # The numeric inputs of rank 0, and of unknown rank -> dtype: one value per call.
+    scalars: dict[str, str] = field(default_factory=dict)
+    # Those of unknown rank (`translate`'s length_penalty): they also take one value per text,
+    # so requests that differ in them can share a model call.
+    row_inputs: frozenset[str] = frozenset()
 
     @classmethod
     def from_metadata(cls, name: str, signature_def: dict) -> "SignatureInfo":
@@ -46,11 +50,15 @@ class SignatureInfo:
 
         inputs = {k: (v.get("dtype", ""), rank(v)) for k, v in signature_def["inputs"].items()}
         info = cls(name, inputs, list(signature_def.get("outputs", {})))
+        rows = set()
         for key, (dtype, r) in sorted(inputs.items()):
             if dtype == "DT_STRING" and r == 1 and info.text_input is None:
                 info.text_input = key
-            elif r == 0 and dtype in ("DT_INT32", "DT_INT64", "DT_FLOAT", "DT_DOUBLE"):
+            elif r in (0, None) and dtype in ("DT_INT32", "DT_INT64", "DT_FLOAT", "DT_DOUBLE"):
                 info.scalars[key] = dtype
+                if r is None:
+                    rows.add(key)
+        info.row_inputs = frozenset(rows)
         return info
 
     @property

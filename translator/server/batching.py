@@ -25,7 +25,8 @@ log = logging.getLogger("translator.server")
 
 @dataclass(eq=False)
 class _Request:
-    key: tuple  # (signature, version, scalar inputs): what may share a model call
+    # (signature, version, scalar inputs, names of the per-row inputs): what may share a call
+    key: tuple
     texts: list[str]
     costs: list[int]
     chunks: list[tuple[int, int]]  # the [start, stop) rows of each of its model calls
@@ -33,6 +34,9 @@ class _Request:
     timeout: float | None
     deadline: float | None  # event-loop time
     parts: list[dict] = field(default_factory=list)  # outputs of the chunks done so far
+    # Inputs that may differ between the requests of one call: name -> one value for all its
+    # texts, or a list of one value per text.
+    rows: dict = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -59,6 +63,13 @@ class _Item:
     def live(self) -> bool:
         return not self.request.future.done()
 
+    def row_values(self, name: str) -> list:
+        """The per-row input `name`, one value per text of this chunk."""
+        value = self.request.rows[name]
+        if isinstance(value, list | tuple):
+            return list(value[self.start : self.stop])
+        return [value] * (self.stop - self.start)
+
 
 class MicroBatcher:
     """Merges concurrent requests with equal decoding options into model calls of bounded size,
@@ -68,8 +79,8 @@ class MicroBatcher:
     only its first chunk waits in the queue, and each next one joins the back of the queue when
     the previous is done, so a short request that arrives behind a large one waits for one
     chunk, not for all of them. One worker task takes the oldest waiting chunk, adds waiting
-    chunks with the same key (signature, version, scalar inputs) while the call stays within
-    both limits, waits up to `max_wait` seconds for more when the queue runs dry, and runs the
+    chunks with the same key (signature, version, scalar inputs; inputs the model takes per row,
+    such as a length penalty per text, may differ) while the call stays within both limits, waits up to `max_wait` seconds for more when the queue runs dry, and runs the
     blocking model call on a single thread. Each request gets back its own rows, in order.
 
     **The express lane.** While a heavy call runs (one costing more than `express_cost`), a
@@ -189,12 +200,17 @@ class MicroBatcher:
         scalars: dict,
         costs: list[int] | None = None,
         timeout: float | None = None,
+        rows: dict | None = None,
     ) -> dict:
         """Queues one request and returns its rows of the outputs.
 
         Args:
+            scalars: Inputs that requests sharing a call must agree on.
             costs: Each text's cost (what `max_batch_cost` bounds); default 0 each.
             timeout: Seconds until the request's deadline: then it is answered 504.
+            rows: Inputs the model takes per text (name -> one value, or a list of one per
+                text): requests that differ in them still share a call, which gets one value
+                when they all agree and a list of one per text otherwise.
         """
         if self.closing:
             raise ApiError(503, "the server is shutting down: retry on another instance")
@@ -208,8 +224,13 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         texts = list(texts)
         costs = list(costs) if costs is not None else [0] * len(texts)
+        rows = dict(rows or {})
+        for name, value in rows.items():
+            if isinstance(value, list | tuple) and len(value) != len(texts):
+                raise ValueError(f"{name} has {len(value)} values for {len(texts)} texts")
         request = _Request(
-            key=(signature, version, tuple(sorted(scalars.items()))),
+            key=(signature, version, tuple(sorted(scalars.items())), tuple(sorted(rows))),
+            rows=rows,
             texts=texts,
             costs=costs,
             chunks=split_rows(costs, self.max_batch_size, self.max_batch_cost),
@@ -370,12 +391,16 @@ class MicroBatcher:
             _fail(batch, e)
 
     async def _run_batch(self, loop, batch: list[_Item], executor) -> None:
-        signature, version, scalars = batch[0].key
+        signature, version, scalars, row_names = batch[0].key
         texts = [text for item in batch for text in item.texts]
+        scalars = dict(scalars)
+        for name in row_names:
+            values = [value for item in batch for value in item.row_values(name)]
+            scalars[name] = values[0] if len(set(values)) == 1 else values
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(
-                executor, self._run, signature, version, texts, dict(scalars)
+                executor, self._run, signature, version, texts, scalars
             )
         except Exception as e:  # noqa: BLE001 - handed to the waiting requests
             if len(batch) > 1 and isinstance(e, ModelInputError):

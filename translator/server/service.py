@@ -122,9 +122,15 @@ class ServiceState:
         costs = self.admit(signature, texts, scalars, alignments, padded)
         limit = self.settings.request_timeout
         timeout = limit if timeout is None else min(timeout, limit)
+        # Inputs the signature takes per text (a length penalty, in exports that take one per
+        # text) do not split the batcher's calls: requests that differ in them still merge.
+        info = self.backend.signatures().get(signature)
+        per_row = info.row_inputs if info is not None else frozenset()
+        rows = {k: v for k, v in scalars.items() if k in per_row}
+        scalars = {k: v for k, v in scalars.items() if k not in per_row}
         try:
             outputs = await self.batcher.submit(
-                signature, version, texts, scalars, costs=costs, timeout=timeout
+                signature, version, texts, scalars, costs=costs, timeout=timeout, rows=rows
             )
         except ModelInputError as e:
             raise ApiError(400, str(e)) from e

@@ -213,8 +213,9 @@ def _check_decoding(scalars: dict, limits: ServerSettings, where: str) -> None:
         raise ApiError(400, f"{where}n_best ({n_best}) must not be larger than beam_size ({beam})")
     alpha = scalars.get("length_penalty")
     low, high = LENGTH_PENALTY_BOUNDS
-    if alpha is not None and not low <= alpha <= high:
-        raise ApiError(400, f"{where}length_penalty must be between {low:g} and {high:g}")
+    for value in alpha if isinstance(alpha, list) else [alpha]:
+        if value is not None and not low <= value <= high:
+            raise ApiError(400, f"{where}length_penalty must be between {low:g} and {high:g}")
 
 
 def parse_predict(
@@ -324,10 +325,22 @@ def _parse_inputs(inputs, signature: SignatureInfo, limits: ServerSettings) -> P
         raise ApiError(400, f"inputs.{text_key} is empty: nothing to translate")
     _check_count(len(column), limits)
     texts = [_string_value(v, f"inputs.{text_key}[{i}]", limits) for i, v in enumerate(column)]
-    scalars = {
-        key: _scalar_value(inputs[key], key, dtype, f"inputs.{key}")
-        for key, dtype in signature.scalars.items()
-    }
+    scalars = {}
+    for key, dtype in signature.scalars.items():
+        value = inputs[key]
+        if key in signature.row_inputs and isinstance(value, list):
+            # An input of unknown rank takes one value per text, as TF Serving would feed it.
+            if len(value) != len(texts):
+                raise ApiError(
+                    400,
+                    f"inputs.{key} has {len(value)} values for {len(texts)} texts: give one "
+                    "value, or one per text",
+                )
+            scalars[key] = [
+                _scalar_value(v, key, dtype, f"inputs.{key}[{i}]") for i, v in enumerate(value)
+            ]
+        else:
+            scalars[key] = _scalar_value(value, key, dtype, f"inputs.{key}")
     _check_decoding(scalars, limits, "inputs: ")
     return PredictCall(signature, texts, scalars, row_format=False)
 
