@@ -571,3 +571,38 @@ def test_an_export_is_published_whole_or_not_at_all(tiny_run_dir, tiny_export_di
     assert after["model.keras"] != before["model.keras"]
     assert b"projection_dtype: bfloat16" in after["config.yaml"]
     assert after["1/saved_model.pb"] == before["1/saved_model.pb"]
+
+
+def test_a_killed_exports_staging_directory_is_removed_by_the_next_one(tmp_path):
+    """`kill -9` during an export leaves its hidden staging directory behind: the next staging
+    in that folder removes it, but never one that a live export holds, nor one just made."""
+    import fcntl
+    import time
+
+    from translator.files import staging_dir
+
+    out = tmp_path / "export"
+    out.mkdir()
+    abandoned = out / ".export-abc123.tmp"
+    (abandoned / "saved_model" / "variables").mkdir(parents=True)
+    (abandoned / "model.keras").write_bytes(b"half written")
+    live = out / ".export-live99.tmp"
+    live.mkdir()
+    fresh = out / ".export-fresh1.tmp"  # made an instant ago: its owner may not have locked it
+    fresh.mkdir()
+    other = out / ".staging-zzz.tmp"  # another prefix: not ours to remove
+    other.mkdir()
+    old = time.time() - 3600
+    for path in (abandoned, live, other):
+        os.utime(path, (old, old))
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a concurrent export, still writing
+    try:
+        with staging_dir(out, prefix=".export-") as staging:
+            assert staging.is_dir()
+            names = sorted(p.name for p in out.iterdir())
+    finally:
+        os.close(holder)
+    assert ".export-abc123.tmp" not in names
+    assert {".export-live99.tmp", ".export-fresh1.tmp", ".staging-zzz.tmp"} <= set(names)
+    assert not staging.exists()  # its own directory goes at the end, as before

@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -130,14 +131,49 @@ def staging_dir(parent, prefix: str = ".staging-"):
     on its filesystem and every rename out of it atomic; hidden (`.<prefix><random>.tmp`), so
     neither TF Serving nor `version_dirs` take it for a version. Whatever is left in it at the
     end (everything, after an error) is deleted.
+
+    A process killed mid-write (`kill -9`, a power cut) cannot delete its staging directory,
+    so each one is locked (`flock`) while it is in use, and a new one first deletes the
+    abandoned ones of the same `prefix` in `parent`: those nobody holds a lock on.
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    fd = os.open(path, os.O_RDONLY)
     try:
+        with contextlib.suppress(OSError):  # where directories cannot be locked: no sweeping
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove_abandoned(parent, prefix, keep=path)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def _remove_abandoned(parent: Path, prefix: str, keep: Path, min_age: float = 60.0) -> None:
+    """Deletes the staging directories `<prefix>*.tmp` in `parent` that no process locks (and
+    older than `min_age` seconds: one just created is not locked yet)."""
+    for other in parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        try:
+            if other == keep or not other.is_dir() or other.is_symlink():
+                continue
+            if time.time() - other.stat().st_mtime < min_age:
+                continue
+        except OSError:
+            continue
+        try:
+            fd = os.open(other, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # in use by a live writer
+            continue
+        else:
+            log.info("removing %s, left by an interrupted write", other)
+            shutil.rmtree(other, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def publish(moves, backup_dir) -> None:
