@@ -15,6 +15,12 @@ NMT tutorial's export (5.3M parameters, greedy only) 230 sentences/s at batch 32
     python bench/decode.py --model saved_models/en-fr [--sentences 1000] [--latency 100]
         [--batch-sizes 1,32,64] [--rounds 3] [--paths "SavedModel,Python bf16,SavedModel bf16"]
     python bench/decode.py --architecture configs/multi30k_lstm.yaml   # untrained, speed only
+    python bench/decode.py --model saved_models/en-fr --calibrate   # bfloat16_rows of this machine
+
+`--calibrate` times one beam-5 call of 1, 2, 4, ... 64 sentences (5 to 320 rows) in float32 and
+in bfloat16 (`compute_dtype`), interleaved, and prints the ratio per size and the smallest number
+of rows from which bfloat16 stays faster: the `--bfloat16-rows` for `translator export
+--compute-dtype adaptive` on this machine (none where bfloat16 is emulated).
 """
 
 from __future__ import annotations
@@ -79,6 +85,51 @@ def sentences_per_second(fn, sentences, batch_size):
     return len(sentences) / (time.perf_counter() - start)
 
 
+def calibrate(args) -> int:
+    """Float32 against bfloat16 per call of 5 to 320 rows; prints the crossover."""
+    import tempfile
+
+    from translator.inference import load
+
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = args.model or untrained_model_dir(args.architecture, tmp.name)
+    float32, bfloat16 = (
+        load(model_dir, compute_dtype="float32"),
+        load(model_dir, compute_dtype="bfloat16"),
+    )
+    sentences = load_sentences(max(64, min(args.sentences, 256)))
+    from translator.hardware import resolve_precision
+
+    bf16_hardware = resolve_precision("auto") == "mixed_bfloat16"
+    print(f"{model_dir}: beam 5, float32 against bfloat16 (compute_dtype) per call; bfloat16 "
+          f"matmul hardware: {'yes' if bf16_hardware else 'no (emulated)'}")  # fmt: skip
+    print("| sentences | rows | float32 ms | bfloat16 ms | bfloat16 speed-up |")
+    print("|---|---|---|---|---|")
+    ratios = {}
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        chunks = [sentences[i : i + batch] for i in range(0, len(sentences) - batch + 1, batch)]
+        chunks = chunks[: max(4, 64 // batch)]
+        best = {}
+        for translator in (float32, bfloat16, float32, bfloat16):  # warm-up, then interleaved
+            for _ in range(max(1, args.rounds)):
+                start = time.perf_counter()
+                for chunk in chunks:
+                    translator.translate(chunk, beam_size=5, segment=False)
+                took = (time.perf_counter() - start) / len(chunks) * 1e3
+                key = translator.compute_dtype
+                best[key] = min(best.get(key, float("inf")), took)
+        ratios[batch * 5] = best["float32"] / best["bfloat16"]
+        print(f"| {batch} | {batch * 5} | {best['float32']:.1f} | {best['bfloat16']:.1f} | "
+              f"{ratios[batch * 5]:.2f}x |", flush=True)  # fmt: skip
+    winning = [rows for rows in ratios if all(ratios[r] > 1.0 for r in ratios if r >= rows)]
+    if winning:
+        print(f"bfloat16 is faster from {min(winning)} rows: translator export --compute-dtype "
+              f"adaptive --bfloat16-rows {min(winning)}")  # fmt: skip
+    else:
+        print("bfloat16 is slower at every size here: keep float32 (compute_dtype: auto does)")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model directory with model.keras and an export")
@@ -94,9 +145,16 @@ def main():
         default=",".join(PATHS),
         help=f"which paths to time (default: {','.join(PATHS)})",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="find the rows (sentences x beam) from which bfloat16 decoding beats float32 here",
+    )
     args = parser.parse_args()
     if not (args.model or args.architecture):
         parser.error("give --model DIR or --architecture CONFIG")
+    if args.calibrate:
+        return calibrate(args)
     paths = args.paths.split(",")
     if unknown := set(paths) - set(PATHS):
         parser.error(

@@ -125,11 +125,15 @@ def test_compute_dtype_is_a_translator_option(tiny_export_dir, monkeypatch):
     fast = fast_translator.translate(texts, beam_size=3)
     # Every matmul rounds here, not only the projection: a few more roundings.
     assert_bfloat16_scores_close(fast, exact, factor=8)
-    # auto: bfloat16 only where the CPU has bfloat16 matmuls.
+    # auto: adaptive (float32 for few rows, a bfloat16 copy for many) only where the CPU has
+    # bfloat16 matmuls; float32 elsewhere.
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    assert load(tiny_export_dir, compute_dtype="auto").model.decoder.compute_dtype == "bfloat16"
+    adaptive = load(tiny_export_dir, compute_dtype="auto")
+    assert adaptive.model.decoder.compute_dtype == "float32"
+    assert adaptive._bfloat16_model.decoder.compute_dtype == "bfloat16"
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
-    assert load(tiny_export_dir, compute_dtype="auto").model.decoder.compute_dtype == "float32"
+    plain = load(tiny_export_dir, compute_dtype="auto")
+    assert plain.model.decoder.compute_dtype == "float32" and plain._bfloat16_model is None
     with pytest.raises(ValueError, match="compute_dtype must be one of None, float32, bfloat16"):
         load(tiny_export_dir, compute_dtype="float16")
     proc = cli("translate", "--model", str(tiny_export_dir), "--compute-dtype", "bfloat16",

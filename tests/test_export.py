@@ -202,17 +202,14 @@ def test_bfloat16_projection_export_records_it_and_serves_it(tiny_run_dir, tmp_p
     assert after == before
 
 
-def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path, monkeypatch):
+def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path):
     import keras
 
-    from translator import hardware
     from translator.config import load_config
     from translator.export import ExportError, export
     from translator.inference import load
 
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16"})  # auto -> bfloat16
-    version = export(tiny_run_dir, tmp_path / "bf16", compute_dtype="auto")
-    # auto is resolved on the exporting machine: the graph is bfloat16, and so is the record.
+    version = export(tiny_run_dir, tmp_path / "bf16", compute_dtype="bfloat16")
     assert load_config(tmp_path / "bf16" / "config.yaml").decoding.compute_dtype == "bfloat16"
     assert load_config(tiny_run_dir / "config.yaml").decoding.compute_dtype is None  # untouched
     # The .keras model stays a float32 model (only decoding is bfloat16) ...
@@ -229,9 +226,82 @@ def test_bfloat16_compute_export_records_it_and_serves_it(tiny_run_dir, tmp_path
     )
     float32 = load(tiny_run_dir).translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
     assert [r.score for r in float32] != [r.score for r in expected]  # bfloat16 did run
-    with pytest.raises(ExportError, match="compute_dtype must be float32, bfloat16 or auto"):
+    with pytest.raises(ExportError, match="compute_dtype must be float32, bfloat16, adaptive"):
         export(tiny_run_dir, tmp_path / "bad", compute_dtype="float16")
     assert not (tmp_path / "bad").exists()  # checked before anything is written
+
+
+def test_adaptive_export_picks_bfloat16_for_many_rows_float32_for_few(tiny_run_dir, tmp_path):
+    """One SavedModel, both ends: a call of fewer than `bfloat16_rows` rows (sentences x beam
+    size) decodes as the float32 model does, a larger one as the bfloat16 model does; the
+    weights are stored once; config.yaml records the mode and the threshold."""
+    import tensorflow as tf
+
+    from translator.config import load_config
+    from translator.export import ExportError, export
+    from translator.inference import load
+
+    version = export(
+        tiny_run_dir, tmp_path / "a", compute_dtype="adaptive", bfloat16_rows=6,
+        weights_dtype="float16",  # as the shipped model is exported
+    )  # fmt: skip
+    decoding = load_config(tmp_path / "a" / "config.yaml").decoding
+    assert (decoding.compute_dtype, decoding.bfloat16_rows) == ("adaptive", 6)
+    # The export's model.keras holds the weights rounded as its SavedModel stores them.
+    float32 = load(tmp_path / "a", compute_dtype="float32")
+    bfloat16 = load(tmp_path / "a", compute_dtype="bfloat16")
+    signature = tf.saved_model.load(str(version)).signatures["translate"]
+
+    def served(texts, beam):
+        out = signature(
+            text=tf.constant(texts),
+            beam_size=tf.constant(beam),
+            n_best=tf.constant(1),
+            length_penalty=tf.constant(0.6),
+        )
+        return [t.decode() for t in out["translations"].numpy()[:, 0]], out["scores"].numpy()[:, 0]
+
+    def expected(translator, texts, beam):
+        results = translator.translate(texts, beam_size=beam, length_penalty=0.6, segment=False)
+        return [r.text for r in results], [r.score for r in results]
+
+    for texts, beam, reference in (
+        (TEXTS[:1], 5, float32),  # 5 rows
+        (TEXTS, 1, float32),  # 4 rows, greedy
+        (TEXTS[:2], 3, bfloat16),  # 6 rows
+        (TEXTS, 3, bfloat16),  # 12 rows
+    ):
+        got_texts, got_scores = served(texts, beam)
+        want_texts, want_scores = expected(reference, texts, beam)
+        assert got_texts == want_texts, (len(texts), beam)
+        np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    # The two ends differ (so each check above tells which path ran) ...
+    assert expected(float32, TEXTS, 3)[1] != expected(bfloat16, TEXTS, 3)[1]
+    assert expected(float32, TEXTS[:1], 5)[1] != expected(bfloat16, TEXTS[:1], 5)[1]
+    # ... and the weights are stored once: one embedding matrix, as in a float32 export.
+    reader = tf.train.load_checkpoint(str(version / "variables" / "variables"))
+    shape = list(float32.model.decoder.embedding.embeddings.shape)
+    shapes = reader.get_variable_to_shape_map().values()
+    assert sum(1 for s in shapes if list(s) == shape) == 1
+    # load() of the directory, with no override, decodes as its SavedModel does.
+    translator = load(tmp_path / "a")
+    assert (translator.compute_dtype, translator.bfloat16_rows) == ("adaptive", 6)
+    assert expected(translator, TEXTS, 3) == expected(bfloat16, TEXTS, 3)
+    with pytest.raises(ExportError, match="bfloat16_rows must be at least 1"):
+        export(tiny_run_dir, tmp_path / "bad", compute_dtype="adaptive", bfloat16_rows=0)
+
+
+def test_auto_compute_dtype_is_adaptive_only_with_bfloat16_matmuls(monkeypatch):
+    from translator import hardware
+    from translator.inference import resolve_compute_dtype
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"amx_bf16", "avx512f"})
+    assert resolve_compute_dtype("auto") == "adaptive"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})  # emulated bfloat16
+    assert resolve_compute_dtype("auto") == "float32"
+    assert [resolve_compute_dtype(d) for d in (None, "float32", "bfloat16", "adaptive")] == [
+        None, "float32", "bfloat16", "adaptive"
+    ]  # fmt: skip
 
 
 def test_versions_are_numbered_and_never_overwritten(tiny_run_dir, tmp_path):

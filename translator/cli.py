@@ -110,6 +110,7 @@ def cmd_export(args) -> int:
         weights_dtype=args.weights_dtype,
         projection_dtype=args.projection_dtype,
         compute_dtype=args.compute_dtype,
+        bfloat16_rows=args.bfloat16_rows,
     )
     print(f"exported {args.model} to {path} (TF Serving model base path: {args.out})")
     return 0
@@ -144,7 +145,9 @@ def add_decoding_arguments(parser) -> None:
         default=None,
         help="dtype of every decoding matmul (default: the model's config.yaml, else the "
         "model's dtype); bfloat16 decodes with the model rebuilt under mixed_bfloat16, faster on "
-        "CPUs with AMX; auto picks bfloat16 only where the hardware has bfloat16 matmuls",
+        "CPUs with AMX for many sentences, slower for few; adaptive chooses per call (bfloat16 "
+        "from decoding.bfloat16_rows rows); auto is adaptive where the hardware has bfloat16 "
+        "matmuls, else float32",
     )
 
 
@@ -310,8 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_choices("compute_dtype"),
         default=None,
         help="dtype of every matmul of the export's graph (default: the model's config.yaml); "
-        "bfloat16 is faster on CPUs with AMX, slow where bfloat16 is emulated; auto is resolved "
+        "bfloat16 is faster on CPUs with AMX for many sentences, slow where bfloat16 is "
+        "emulated; adaptive chooses per call, bfloat16 from --bfloat16-rows rows (batch x beam "
+        "size), float32 below; auto (adaptive with bfloat16 matmuls, else float32) is resolved "
         "on this machine and recorded in the export's config.yaml",
+    )
+    p.add_argument(
+        "--bfloat16-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --compute-dtype adaptive: the rows (sentences x beam size) from which a call "
+        "decodes in bfloat16 (default: the model's config.yaml, 64; `python bench/decode.py "
+        "--calibrate` measures this machine's)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -145,9 +145,16 @@ class DecodingConfig(_Section):
     # bfloat16 (faster on CPUs with bfloat16 matrix units; see the README's Benchmarks).
     projection_dtype: Literal["float32", "bfloat16"] | None = None
     # The dtype every decoding matmul runs in: null (the model's), float32, bfloat16 (the model
-    # rebuilt under mixed_bfloat16 for decoding) or auto (bfloat16 where the CPU has AMX-BF16 or
-    # AVX512-BF16 or the GPU is sm_80+, else float32).
-    compute_dtype: Literal["float32", "bfloat16", "auto"] | None = None
+    # rebuilt under mixed_bfloat16 for decoding), adaptive (per call: bfloat16 when the call
+    # decodes at least `bfloat16_rows` rows, batch x beam size, else float32; one graph, the
+    # weights stored once) or auto (adaptive where the CPU has AMX-BF16 or AVX512-BF16 or the
+    # GPU is sm_80+, else float32).
+    compute_dtype: Literal["float32", "bfloat16", "adaptive", "auto"] | None = None
+    # Rows (sentences x beam size) from which `adaptive` decodes in bfloat16: bfloat16 matmuls
+    # of a few rows are slower than float32 ones even with AMX (one sentence at beam 5: 20.4
+    # against 21.8 sentences/s), of 160 rows faster (1.23x, batch 32 at beam 5; 2026-12-06).
+    # `python bench/decode.py --calibrate` measures the crossover of a machine.
+    bfloat16_rows: Annotated[int, Field(ge=1)] = 64
 
 
 class Config(_Section):
@@ -295,7 +302,7 @@ def field_choices(section: type[BaseModel], name: str) -> list:
     Example:
 
     >>> field_choices(DecodingConfig, "compute_dtype")
-    ['float32', 'bfloat16', 'auto']
+    ['float32', 'bfloat16', 'adaptive', 'auto']
     """
     annotation = section.model_fields[name].annotation
     if typing.get_origin(annotation) is Literal:

@@ -229,6 +229,7 @@ def export(
     weights_dtype: str = "float32",
     projection_dtype: str | None = None,
     compute_dtype: str | None = None,
+    bfloat16_rows: int | None = None,
 ) -> Path:
     """`translator export`: a run or model directory -> an export directory (see module docs).
 
@@ -247,15 +248,18 @@ def export(
     new model beside the old newest version (for the few renames in between); an error in
     that window puts the previous files back (`translator.files.publish`). A process killed
     in it (no code runs to undo anything) can leave new files beside the old newest version,
-    and its `.export-*.tmp` staging directory, which may be deleted. With
+    and its `.export-*.tmp` staging directory, which the next export into `out_dir` deletes. With
     `weights_dtype="float16"`, weights are first rounded to float16 so that the `.keras` model
     (float32 values) and the SavedModel (float16 storage) translate identically.
     `projection_dtype` (`"float32"` or `"bfloat16"`) replaces the config's
     `decoding.projection_dtype`: the SavedModel's decoder is built with it and the exported
-    `config.yaml` records it. `compute_dtype` (`"float32"`, `"bfloat16"` or `"auto"`, resolved
-    here, on the exporting machine) likewise replaces `decoding.compute_dtype`: with
-    `"bfloat16"` every matmul of the SavedModel's graph runs in bfloat16 (fast on CPUs with
-    AMX, emulated and slow on CPUs without bfloat16 instructions).
+    `config.yaml` records it. `compute_dtype` (`"float32"`, `"bfloat16"`, `"adaptive"` or
+    `"auto"`, resolved here, on the exporting machine) likewise replaces
+    `decoding.compute_dtype`: with `"bfloat16"` every matmul of the SavedModel's graph runs in
+    bfloat16 (fast on CPUs with AMX, emulated and slow on CPUs without bfloat16 instructions);
+    with `"adaptive"` the graph chooses per call, bfloat16 from `bfloat16_rows` rows (batch x
+    beam size; replaces `decoding.bfloat16_rows`) and float32 below, the weights stored once;
+    `"auto"` is `"adaptive"` on a machine with bfloat16 matmuls, `"float32"` elsewhere.
 
     Returns:
         The SavedModel version directory.
@@ -271,8 +275,11 @@ def export(
         )
     if compute_dtype not in COMPUTE_DTYPES:
         raise ExportError(
-            f"compute_dtype must be float32, bfloat16 or auto (or None), got {compute_dtype!r}"
+            "compute_dtype must be float32, bfloat16, adaptive or auto (or None), got "
+            f"{compute_dtype!r}"
         )
+    if bfloat16_rows is not None and int(bfloat16_rows) < 1:
+        raise ExportError(f"bfloat16_rows must be at least 1, got {bfloat16_rows}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-")
@@ -288,6 +295,7 @@ def export(
         for name, value in (
             ("projection_dtype", projection_dtype),
             ("compute_dtype", resolve_compute_dtype(compute_dtype)),
+            ("bfloat16_rows", bfloat16_rows),
         )
         if value is not None
     }

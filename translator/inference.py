@@ -54,14 +54,15 @@ _DEFAULTS = DecodingConfig()
 
 
 def resolve_compute_dtype(compute_dtype):
-    """`compute_dtype` with `"auto"` resolved: `"bfloat16"` where bfloat16 matmuls are fast (a
-    CPU with AMX-BF16 or AVX512-BF16, or a GPU of compute capability 8.0 or more, as for
-    `training.precision: auto`), else `"float32"`. `None` and explicit dtypes pass through."""
+    """`compute_dtype` with `"auto"` resolved: `"adaptive"` (bfloat16 for calls of many rows,
+    float32 for few) where bfloat16 matmuls are fast (a CPU with AMX-BF16 or AVX512-BF16, or a
+    GPU of compute capability 8.0 or more, as for `training.precision: auto`), else `"float32"`
+    (bfloat16 is emulated, and slower at every size). `None` and the others pass through."""
     if compute_dtype != "auto":
         return compute_dtype
     from translator.hardware import resolve_precision
 
-    return "bfloat16" if resolve_precision("auto") == "mixed_bfloat16" else "float32"
+    return "adaptive" if resolve_precision("auto") == "mixed_bfloat16" else "float32"
 
 
 class Translator:
@@ -95,8 +96,12 @@ class Translator:
             their gate equations in float32), so `.model` is that copy; its output projection
             is bfloat16 too unless `projection_dtype="float32"`. On a CPU with AMX it makes
             beam 5 at batch 64 1.4-1.5x as fast for the shipped model at the same BLEU, and
-            single sentences slower (README, Benchmarks). `"auto"` picks bfloat16 only where the hardware has bfloat16 matmuls:
-            elsewhere bfloat16 is emulated and slow.
+            single sentences slower (README, Benchmarks). `"adaptive"` chooses per call, in the
+            graph: bfloat16 when the call decodes at least `bfloat16_rows` rows (sentences x
+            beam size), float32 below, with one set of weights. `"auto"` is `"adaptive"` where
+            the hardware has bfloat16 matmuls and `"float32"` elsewhere (bfloat16 is emulated,
+            and slower at every size).
+        bfloat16_rows: The rows from which `"adaptive"` decodes in bfloat16.
     """
 
     def __init__(
@@ -115,15 +120,26 @@ class Translator:
         split_length=None,
         projection_dtype=_DEFAULTS.projection_dtype,
         compute_dtype=_DEFAULTS.compute_dtype,
+        bfloat16_rows=_DEFAULTS.bfloat16_rows,
     ):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 "compute_dtype must be one of "
                 f"{', '.join(map(str, COMPUTE_DTYPES))}, got {compute_dtype!r}"
             )
+        if int(bfloat16_rows) < 1:
+            raise ValueError(f"bfloat16_rows must be at least 1, got {bfloat16_rows}")
         self.compute_dtype = compute_dtype
+        self.bfloat16_rows = int(bfloat16_rows)
         resolved = resolve_compute_dtype(compute_dtype)
-        if resolved is not None:
+        # `adaptive`: `.model` decodes in float32, and a bfloat16 copy of it, whose variables
+        # are never read (each read is mapped to `.model`'s, see `_decode_in_bfloat16`), in
+        # calls of many rows: one set of weights, in memory and in an export.
+        self._bfloat16_model = None
+        if resolved == "adaptive":
+            model = model.with_compute_dtype("float32")
+            self._bfloat16_model = model.copy("bfloat16")
+        elif resolved is not None:
             model = model.with_compute_dtype(resolved)
         self.model = model
         self.source_tokenizer = source_tokenizer
@@ -255,9 +271,38 @@ class Translator:
         ]
         with tf.control_dependencies(checks):
             source_ids, source_lengths = self.encode_source(text)
-        constants, state = self.model.encode(source_ids)
         batch = tf.shape(source_ids)[0]
         alpha = tf.broadcast_to(tf.reshape(length_penalty, [-1]), [batch])  # (batch,)
+        args = (source_ids, source_lengths, beam_size, n_best, alpha, coverage_penalty)
+        if self._bfloat16_model is None:
+            ids, lengths, scores, alignments = self._decode(self.model, *args)
+        else:
+            # One graph for both ends: bfloat16 where it is faster (many rows), float32 else.
+            ids, lengths, scores, alignments = tf.cond(
+                batch * beam_size >= self.bfloat16_rows,
+                lambda: self._decode_in_bfloat16(*args),
+                lambda: self._decode(self.model, *args),
+            )
+        result = search.DecodingResult(ids, lengths, scores, scores, alignments, tf.constant(0))
+        ids = result.ids  # (batch, n_best, T)
+        shape = tf.shape(ids)
+        flat = tf.reshape(ids, [-1, shape[2]])
+        texts = tf.reshape(self.target_tokenizer.detokenize(flat), [shape[0], shape[1]])
+        return {
+            "translations": texts,
+            "scores": result.scores,
+            "ids": ids,
+            "lengths": result.lengths,
+            "alignments": result.alignments,
+            "source_ids": source_ids,
+            "source_lengths": source_lengths,
+        }
+
+    def _decode(self, model, source_ids, source_lengths, beam_size, n_best, alpha, beta):
+        """Encoder and search with `model`: `(ids, lengths, scores, alignments)`, each
+        `(batch, n_best, ...)`; greedy search when `beam_size` is 1."""
+        constants, state = model.encode(source_ids)
+        batch = tf.shape(source_ids)[0]
         max_length = (
             tf.cast(
                 tf.math.ceil(self.max_length_ratio * tf.cast(source_lengths, tf.float32)), tf.int32
@@ -277,39 +322,36 @@ class Translator:
         def greedy():
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
-            r = search.greedy_search(self.model.step_function(self.projection_dtype), **search_args)
+            r = search.greedy_search(model.step_function(self.projection_dtype), **search_args)
             scores = r.log_probs / search.gnmt_length_penalty(r.lengths, alpha[:, tf.newaxis])
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
             r = search.beam_search(
                 # The beams of a sentence share its encoder memory: read once per step.
-                self.model.step_function(self.projection_dtype, shared_constants=True),
+                model.step_function(self.projection_dtype, shared_constants=True),
                 tile_constants=False,
                 beam_size=beam_size,
                 n_best=n_best,
                 length_penalty=alpha,
-                coverage_penalty=coverage_penalty,
+                coverage_penalty=beta,
                 early_stopping=self.early_stopping,
                 **search_args,
             )
             return r.ids, r.lengths, r.scores, r.alignments
 
-        ids, lengths, scores, alignments = tf.cond(tf.equal(beam_size, 1), greedy, beam)
-        result = search.DecodingResult(ids, lengths, scores, scores, alignments, tf.constant(0))
-        ids = result.ids  # (batch, n_best, T)
-        shape = tf.shape(ids)
-        flat = tf.reshape(ids, [-1, shape[2]])
-        texts = tf.reshape(self.target_tokenizer.detokenize(flat), [shape[0], shape[1]])
-        return {
-            "translations": texts,
-            "scores": result.scores,
-            "ids": ids,
-            "lengths": result.lengths,
-            "alignments": result.alignments,
-            "source_ids": source_ids,
-            "source_lengths": source_lengths,
-        }
+        return tf.cond(tf.equal(beam_size, 1), greedy, beam)
+
+    def _decode_in_bfloat16(self, *args):
+        """`_decode` with the bfloat16 copy, every read of its variables mapped to the value of
+        `.model`'s (so an export stores the weights once, and float16 storage applies)."""
+        import keras
+
+        copy, model = self._bfloat16_model, self.model
+        mapping = [(c, m.value) for c, m in zip(copy.variables, model.variables, strict=True)]
+        with keras.StatelessScope(state_mapping=mapping):
+            ids, lengths, scores, alignments = self._decode(copy, *args)
+        return ids, lengths, scores, tf.cast(alignments, tf.float32)
 
     # -- the Python API ------------------------------------------------------------------------
 
