@@ -486,20 +486,32 @@ def test_compile_model_resolves_auto_xla_for_the_dtype_policy():
     assert compile_model(model, config).jit_compile is False  # the model's policy decides
 
 
-def test_train_leaves_the_global_dtype_policy_as_it_found_it(corpus, tmp_path):
+def test_train_leaves_the_global_dtype_policy_as_it_found_it(corpus, tmp_path, monkeypatch):
     import keras
 
     from translator.training import train
+    from translator.training.callback import TrainingMonitor
 
     os.environ["TRANSLATOR_QUIET"] = "1"
     settings = {
         "training.precision": "mixed_bfloat16",
         "training.max_steps": "2",
         "training.steps_per_checkpoint": "2",
+        # Another dtype than training's: decoding it would need a copy of the model, which
+        # validation must not decode (it would score the first weights for the whole run).
+        "decoding.compute_dtype": "float32",
     }
+    validated = []
+
+    def validate(monitor):
+        validated.append(monitor.translator.model is monitor.model)
+        return 1.0
+
+    monkeypatch.setattr(TrainingMonitor, "validate", validate)
     config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
     before = keras.config.dtype_policy().name
     summary = train(config, tmp_path / "run")
+    assert validated == [True]  # validation decoded the model being trained
     assert summary["precision"] == "mixed_bfloat16" and summary["steps"] == 2
     assert keras.config.dtype_policy().name == before
     model = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=False)

@@ -228,7 +228,10 @@ def _train_in_precision(run: _Run, precision: str) -> dict:
         stream = dataset.skip(step).prefetch(tf.data.AUTOTUNE)
     translator = None
     if topology.chief:
-        translator = Translator(model, source_tok, target_tok, **decoding_options(config.decoding))
+        # Validation decodes the model being trained, in its own dtype: another compute_dtype
+        # would decode a copy of it (`Seq2Seq.with_compute_dtype`), frozen at its first weights.
+        options = {**decoding_options(config.decoding), "compute_dtype": None}
+        translator = Translator(model, source_tok, target_tok, **options)
     writer = tf.summary.create_file_writer(str(run.out_dir / "logs"))
     monitor = TrainingMonitor(
         run.out_dir, config, translator, validation, state, writer, agree=chief_decides
