@@ -93,10 +93,9 @@ def calibrate(args) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model or untrained_model_dir(args.architecture, tmp.name)
-    float32, bfloat16 = (
-        load(model_dir, compute_dtype="float32"),
-        load(model_dir, compute_dtype="bfloat16"),
-    )
+    # One graph call per chunk (batch_size >= the largest chunk), so the rows are as labelled.
+    float32 = load(model_dir, compute_dtype="float32", batch_size=64)
+    bfloat16 = load(model_dir, compute_dtype="bfloat16", batch_size=64)
     sentences = load_sentences(max(64, min(args.sentences, 256)))
     from translator.hardware import resolve_precision
 

@@ -289,6 +289,9 @@ def test_adaptive_export_picks_bfloat16_for_many_rows_float32_for_few(tiny_run_d
     assert expected(translator, TEXTS, 3) == expected(bfloat16, TEXTS, 3)
     with pytest.raises(ExportError, match="bfloat16_rows must be at least 1"):
         export(tiny_run_dir, tmp_path / "bad", compute_dtype="adaptive", bfloat16_rows=0)
+    with pytest.raises(ExportError, match="applies to compute_dtype adaptive only"):
+        export(tiny_run_dir, tmp_path / "bad", compute_dtype="float32", bfloat16_rows=8)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_auto_compute_dtype_is_adaptive_only_with_bfloat16_matmuls(monkeypatch):
@@ -643,36 +646,48 @@ def test_an_export_is_published_whole_or_not_at_all(tiny_run_dir, tiny_export_di
     assert after["1/saved_model.pb"] == before["1/saved_model.pb"]
 
 
-def test_a_killed_exports_staging_directory_is_removed_by_the_next_one(tmp_path):
+def test_a_killed_exports_staging_directory_is_removed_by_the_next_one(tmp_path, caplog):
     """`kill -9` during an export leaves its hidden staging directory behind: the next staging
-    in that folder removes it, but never one that a live export holds, nor one just made."""
+    in that folder removes it, but never one whose owner lives, runs on another host or holds
+    its lock, one with no owner recorded, nor one holding the previous files of an
+    interrupted publish."""
     import fcntl
-    import time
+    import socket
+    import subprocess
 
     from translator.files import staging_dir
 
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    host = socket.gethostname()
     out = tmp_path / "export"
-    out.mkdir()
-    abandoned = out / ".export-abc123.tmp"
-    (abandoned / "saved_model" / "variables").mkdir(parents=True)
-    (abandoned / "model.keras").write_bytes(b"half written")
-    live = out / ".export-live99.tmp"
-    live.mkdir()
-    fresh = out / ".export-fresh1.tmp"  # made an instant ago: its owner may not have locked it
-    fresh.mkdir()
-    other = out / ".staging-zzz.tmp"  # another prefix: not ours to remove
-    other.mkdir()
-    old = time.time() - 3600
-    for path in (abandoned, live, other):
-        os.utime(path, (old, old))
-    holder = os.open(live, os.O_RDONLY)
-    fcntl.flock(holder, fcntl.LOCK_EX)  # a concurrent export, still writing
+    owners = {
+        "abandoned": f"{host} {gone.pid}",
+        "locked": f"{host} {gone.pid}",  # (a writer that still holds its lock)
+        "alive": f"{host} {os.getppid()}",
+        "elsewhere": f"another-host {gone.pid}",  # NFS: the lock and the pid are that host's
+        "previous": f"{host} {gone.pid}",
+        "unowned": None,
+    }
+    for name, owner in owners.items():
+        directory = out / f".export-{name}.tmp"
+        (directory / "saved_model").mkdir(parents=True)
+        (directory / "model.keras").write_bytes(b"half written")
+        if owner is not None:
+            (directory / ".owner").write_text(owner + "\n")
+    (out / ".export-previous.tmp" / ".previous").mkdir()
+    (out / ".export-previous.tmp" / ".previous" / "model.keras").write_bytes(b"the old model")
+    (out / ".staging-zzz.tmp").mkdir()  # another prefix: not ours to remove
+    holder = os.open(out / ".export-locked.tmp", os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
     try:
         with staging_dir(out, prefix=".export-") as staging:
             assert staging.is_dir()
-            names = sorted(p.name for p in out.iterdir())
+            names = {p.name for p in out.iterdir()}
     finally:
         os.close(holder)
-    assert ".export-abc123.tmp" not in names
-    assert {".export-live99.tmp", ".export-fresh1.tmp", ".staging-zzz.tmp"} <= set(names)
+    assert ".export-abandoned.tmp" not in names
+    kept = {f".export-{n}.tmp" for n in owners if n != "abandoned"} | {".staging-zzz.tmp"}
+    assert kept <= names
+    assert "the previous files" in caplog.text and ".export-previous.tmp" in caplog.text
     assert not staging.exists()  # its own directory goes at the end, as before

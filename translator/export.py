@@ -300,6 +300,13 @@ def export(
         if value is not None
     }
     translator = with_tokenizers(load(model_path, **overrides))
+    if bfloat16_rows is not None and not translator.adaptive:
+        raise ExportError(
+            f"bfloat16_rows={bfloat16_rows} applies to compute_dtype adaptive only (or auto on a "
+            "machine with bfloat16 matmuls); this export would decode in "
+            f"{resolve_compute_dtype(translator.compute_dtype) or 'the model dtype'} alone: add "
+            "compute_dtype adaptive (--compute-dtype adaptive), or leave bfloat16_rows out"
+        )
     round_weights(translator.model, weights_dtype)
     with staging_dir(out_dir, prefix=".export-") as staging:
         for name in _SIDE_FILES:

@@ -133,13 +133,20 @@ def staging_dir(parent, prefix: str = ".staging-"):
     end (everything, after an error) is deleted.
 
     A process killed mid-write (`kill -9`, a power cut) cannot delete its staging directory,
-    so each one is locked (`flock`) while it is in use, and a new one first deletes the
-    abandoned ones of the same `prefix` in `parent`: those nobody holds a lock on.
+    so each one names its owner (`.owner`: host and process id) and is locked (`flock`) while
+    in use, and a new one first deletes the abandoned ones of the same `prefix` in `parent`:
+    those whose owner ran on this host, is gone, and holds no lock. One that holds the previous
+    files of an interrupted `publish` (a non-empty `.previous/`) is kept, with a warning.
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        (path / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        fd = os.open(path, os.O_RDONLY)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     try:
         with contextlib.suppress(OSError):  # where directories cannot be locked: no sweeping
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,18 +157,42 @@ def staging_dir(parent, prefix: str = ".staging-"):
         os.close(fd)
 
 
-def _remove_abandoned(parent: Path, prefix: str, keep: Path, min_age: float = 60.0) -> None:
-    """Deletes the staging directories `<prefix>*.tmp` in `parent` that no process locks (and
-    older than `min_age` seconds: one just created is not locked yet)."""
+_OWNER = ".owner"
+
+
+def _abandoned(directory: Path) -> bool:
+    """Whether the staging `directory` was made on this host by a process that is gone."""
+    try:
+        host, pid = (directory / _OWNER).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False  # no owner recorded (being created, or not ours): leave it
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _remove_abandoned(parent: Path, prefix: str, keep: Path) -> None:
+    """Deletes the abandoned staging directories `<prefix>*.tmp` in `parent` (see
+    `staging_dir`)."""
     for other in parent.glob(f"{glob.escape(prefix)}*.tmp"):
         try:
-            if other == keep or not other.is_dir() or other.is_symlink():
+            if other == keep or not other.is_dir() or other.is_symlink() or not _abandoned(other):
                 continue
-            if time.time() - other.stat().st_mtime < min_age:
+            if any((other / ".previous").iterdir()) if (other / ".previous").is_dir() else False:
+                log.warning(
+                    "keeping %s: an interrupted export left the previous files of %s in its "
+                    ".previous/ (move them back, then delete it)",
+                    other,
+                    parent,
+                )
                 continue
-        except OSError:
-            continue
-        try:
             fd = os.open(other, os.O_RDONLY)
         except OSError:
             continue

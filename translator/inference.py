@@ -134,7 +134,8 @@ class Translator:
         resolved = resolve_compute_dtype(compute_dtype)
         # `adaptive`: `.model` decodes in float32, and a bfloat16 copy of it, whose variables
         # are never read (each read is mapped to `.model`'s, see `_decode_in_bfloat16`), in
-        # calls of many rows: one set of weights, in memory and in an export.
+        # calls of many rows: the weights are read from one set of variables, so an export
+        # stores them once (in this process the copy's own variables hold a second, unused copy).
         self._bfloat16_model = None
         if resolved == "adaptive":
             model = model.with_compute_dtype("float32")
@@ -174,6 +175,11 @@ class Translator:
                 tf.TensorSpec([], tf.float32, name="coverage_penalty"),
             ],
         )
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether each call picks float32 or bfloat16 by its rows (`compute_dtype` adaptive)."""
+        return self._bfloat16_model is not None
 
     @classmethod
     def from_model(cls, model, **kwargs):

@@ -488,7 +488,7 @@ def gnmt_length_penalty(length, alpha):
             penalty (`lp = 1`).
 
     Returns:
-        A float32 tensor of the shape of `length`.
+        A float32 tensor of the broadcast shape of `length` and `alpha`.
 
     References:
         - [Wu et al., 2016](https://arxiv.org/abs/1609.08144)

@@ -184,7 +184,9 @@ def _characters_bound(text: str) -> int:
 
 def trim_padding(outputs: dict) -> dict:
     """Cuts padding shared with other requests of a batch (the `translate` signature's tokens
-    and alignments), so a request's outputs do not depend on what it was batched with."""
+    and alignments), so a request's outputs do not depend on what it was batched with (except
+    with an export of `compute_dtype: adaptive`, whose call picks float32 or bfloat16 by its
+    number of rows: a request merged into a large call gets bfloat16 rounding)."""
     out = dict(outputs)
     source_lengths = out.get("source_lengths")
     target_lengths = out.get("target_lengths")

@@ -80,8 +80,9 @@ class MicroBatcher:
     the previous is done, so a short request that arrives behind a large one waits for one
     chunk, not for all of them. One worker task takes the oldest waiting chunk, adds waiting
     chunks with the same key (signature, version, scalar inputs; inputs the model takes per row,
-    such as a length penalty per text, may differ) while the call stays within both limits, waits up to `max_wait` seconds for more when the queue runs dry, and runs the
-    blocking model call on a single thread. Each request gets back its own rows, in order.
+    such as a length penalty per text, may differ) while the call stays within both limits,
+    waits up to `max_wait` seconds for more when the queue runs dry, and runs the blocking
+    model call on a single thread. Each request gets back its own rows, in order.
 
     **The express lane.** While a heavy call runs (one costing more than `express_cost`), a
     second thread runs calls of the cheap chunks waiting (each at most `express_cost`, merged

@@ -213,9 +213,10 @@ def _check_decoding(scalars: dict, limits: ServerSettings, where: str) -> None:
         raise ApiError(400, f"{where}n_best ({n_best}) must not be larger than beam_size ({beam})")
     alpha = scalars.get("length_penalty")
     low, high = LENGTH_PENALTY_BOUNDS
-    for value in alpha if isinstance(alpha, list) else [alpha]:
+    for i, value in enumerate(alpha if isinstance(alpha, list) else [alpha]):
         if value is not None and not low <= value <= high:
-            raise ApiError(400, f"{where}length_penalty must be between {low:g} and {high:g}")
+            name = f"length_penalty[{i}]" if isinstance(alpha, list) else "length_penalty"
+            raise ApiError(400, f"{where}{name} must be between {low:g} and {high:g}")
 
 
 def parse_predict(
@@ -224,8 +225,10 @@ def parse_predict(
     """Reads a TF Serving predict request the way TF Serving does, with this service's limits.
 
     Row format (`instances`) stacks every instance's values into a batch, so it cannot carry
-    rank-0 inputs (the `translate` signature's beam_size, n_best, length_penalty): such a
-    request is refused with a 400 that points at the columnar format, as TF Serving refuses it.
+    rank-0 inputs (the `translate` signature's beam_size and n_best): such a request is refused
+    with a 400 that points at the columnar format, as TF Serving refuses it. An input of
+    unknown rank (`length_penalty` in current exports) takes one number, or a list of one per
+    text, in the columnar format.
     """
     name = body.signature_name or DEFAULT_SIGNATURE  # TF Serving: "" is the default
     if name not in signatures:
