@@ -294,3 +294,75 @@ def test_default_hypotheses_file_is_one_file_named_after_model_and_test_set():
     # A corpus label with a path in it still names one file in the current directory.
     name = default_hypotheses_path("m", "tfds:wmt14_translate/fr-en.validation", 5)
     assert name == "hyp.m.tfds_wmt14_translate_fr-en.validation.beam5.txt"
+
+
+def _write_multi30k(data_dir, splits):
+    import gzip
+
+    (data_dir / "multi30k").mkdir(parents=True)
+    for split, (english, french) in splits.items():
+        for lang, lines in (("en", english), ("fr", french)):
+            with gzip.open(data_dir / "multi30k" / f"{split}.{lang}.gz", "wt") as f:
+                f.write("".join(f"{line}\n" for line in lines))
+
+
+def test_scorecard_scores_every_set_at_every_beam_as_evaluate_does(tmp_path, monkeypatch, capsys):
+    import json
+
+    import translator.inference
+    from translator.cli import main
+    from translator.evaluation import format_scorecard, parse_test_sets, scorecard
+
+    val = ([f"val {i}" for i in range(5)], [STREAMS[0][i % 4] for i in range(5)])
+    test = ([f"test {i}" for i in range(4)], STREAMS[0])
+    _write_multi30k(tmp_path, {"val": val, "test_2016_flickr": test})
+    table = TableTranslator(
+        {**{s: HYPOTHESES[i % 4] for i, s in enumerate(val[0])},
+         **{s: STREAMS[0][i] for i, s in enumerate(test[0])}}
+    )  # fmt: skip
+    table.options = lambda: {"beam_size": 5, "length_penalty": 0.6}
+    monkeypatch.setattr(translator.inference, "load", lambda *a, **k: table)
+    out_json = tmp_path / "scores.json"
+    args = ["scorecard", "--model", "m", "--data-dir", str(tmp_path), "--beam-sizes", "1,3",
+            "--sets", "multi30k:val,multi30k", "--json", str(out_json)]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["test_set"], r["beam_size"]) for r in rows] == [
+        ("multi30k.val", 1), ("multi30k.val", 3), ("multi30k.test", 1), ("multi30k.test", 3)
+    ]  # fmt: skip
+    # Each figure is what `evaluate` gives for that set and beam, and the beams reached the
+    # translator.
+    val_bleu = sacrebleu.corpus_bleu([HYPOTHESES[i % 4] for i in range(5)], [val[1]]).score
+    assert rows[0]["bleu"] == round(val_bleu, 2) and rows[2]["bleu"] == 100.0
+    assert {c[1] for c in table.calls} == {1, 3}
+    lines = captured.out.splitlines()
+    assert (
+        lines[0]
+        == "| test set | sentences | greedy BLEU | greedy chrF | beam 3 BLEU | beam 3 chrF |"
+    )
+    assert lines[2].startswith(f"| multi30k.val | 5 | {val_bleu:.2f} |")
+    assert lines[3].startswith("| multi30k.test | 4 | 100.00 | 100.00 | 100.00 |")
+    assert "[4/4] multi30k.test, beam 3: BLEU 100.00" in captured.err  # progress
+    assert format_scorecard(rows) in captured.out
+    # --limit takes the first sentences of each set.
+    assert main([*args[:-2], "--limit", "2", "--beam-sizes", "1"]) == 0
+    assert "| multi30k.val | 2 |" in capsys.readouterr().out
+    # Errors name what is wrong, before the model loads.
+    assert parse_test_sets("news:newstest2013, tatoeba") == [
+        ("news", "newstest2013"), ("tatoeba", "test")
+    ]  # fmt: skip
+    for bad, message in (
+        (["--sets", "multi30k:val:x"], "write corpus:split"),
+        (["--sets", "multi30k:"], "write corpus:split"),
+        (["--sets", "multi30k,multi30k:test"], "listed twice"),
+        (["--sets", "tatoeba:test"], "tatoeba"),  # no Tatoeba file in this data dir
+        (["--beam-sizes", "1,x"], "give integers"),
+        (["--beam-sizes", "0"], "at least 1"),
+    ):
+        table.calls.clear()
+        assert main(["scorecard", "--model", "m", "--data-dir", str(tmp_path), *bad]) == 2
+        err = capsys.readouterr().err
+        assert "translator scorecard: error:" in err and message in err, err
+        assert table.calls == []
+    assert scorecard(table, [], [1]) == []

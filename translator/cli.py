@@ -87,6 +87,70 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_scorecard(args) -> int:
+    import datetime
+
+    from translator.evaluation import (
+        SCORECARD_SETS,
+        format_scorecard,
+        load_test_set,
+        parse_test_sets,
+        scorecard,
+    )
+    from translator.files import atomic_write
+    from translator.inference import load
+
+    try:
+        beam_sizes = [int(b) for b in args.beam_sizes.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--beam-sizes {args.beam_sizes!r}: give integers separated by commas, e.g. 1,5"
+        ) from None
+    if not beam_sizes or min(beam_sizes) < 1:
+        raise ValueError(f"--beam-sizes {args.beam_sizes!r}: every beam size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    # Every test set first: a missing corpus fails before the model loads and anything runs.
+    test_sets = []
+    for corpus, split in parse_test_sets(args.sets or ",".join(SCORECARD_SETS)):
+        sources, references, label = load_test_set(corpus, split, args.data_dir)
+        if args.limit is not None:
+            sources, references = sources[: args.limit], references[: args.limit]
+        test_sets.append((label, sources, references))
+    translator = load(args.model, **decoding_overrides(args))
+    total = len(test_sets) * len(beam_sizes)
+
+    def report(row):
+        report.done += 1
+        print(
+            f"[{report.done}/{total}] {row['test_set']}, beam {row['beam_size']}: BLEU "
+            f"{row['bleu']:.2f}  chrF {row['chrf']:.2f} ({row['sentences']} sentences, "
+            f"{row['sentences_per_second']:.1f}/s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    report.done = 0
+    rows = scorecard(translator, test_sets, beam_sizes, report=report)
+    print(format_scorecard(rows), flush=True)
+    if args.json:
+        record = {
+            "model": args.model,
+            "date": datetime.date.today().isoformat(),
+            "decoding": {k: v for k, v in translator.options().items() if k != "beam_size"},
+            "limit": args.limit,
+            "rows": rows,
+        }
+        try:
+            atomic_write(args.json, json.dumps(record, indent=1, default=str) + "\n")
+        except OSError as e:
+            raise OSError(
+                f"cannot write {args.json} ({e.strerror or e}); the scores are above"
+            ) from None
+        print(f"scores: {args.json}")
+    return 0
+
+
 def default_hypotheses_path(model: str, label: str, beam: int) -> str:
     """`evaluate`'s default hypotheses file: `hyp.<model>.<test set>.beam<N>.txt` in the
     current directory, `<model>` the model directory's name (of a `.keras` file: its folder's),
@@ -281,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the model directory)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "scorecard",
+        help="BLEU and chrF on several test sets at several beam sizes (a model card's table)",
+    )
+    p.add_argument("--model", required=True, help="run directory or shipped model directory")
+    p.add_argument(
+        "--sets",
+        help="test sets, corpus:split separated by commas (default: the model card's, "
+        "multi30k:val, multi30k:test_2016_flickr, tatoeba:test, news:newstest2013, "
+        "python-docs-fr:test)",
+    )
+    p.add_argument("--beam-sizes", default="1,5", help="beam sizes, 1 = greedy (default: 1,5)")
+    p.add_argument("--limit", type=int, help="only the first N sentences of each set")
+    p.add_argument("--data-dir", help="local corpus directory (else $TRANSLATOR_DATA_DIR)")
+    add_decoding_arguments(p)
+    p.add_argument("--json", help="also write the scores, signatures and options to this file")
+    p.set_defaults(func=cmd_scorecard)
 
     p = sub.add_parser(
         "average", help="average the weights of a run's last checkpoints into a model directory"

@@ -97,3 +97,82 @@ def evaluate(translator, sources, references, beam_size=None, length_penalty=Non
 def write_hypotheses(path, hypotheses) -> None:
     """Writes one hypothesis per line, atomically."""
     atomic_write(path, "\n".join(hypotheses) + "\n")
+
+
+# The test sets of a model card: the benchmark captions, everyday sentences, news (the dev set
+# of the general model) and software documentation.
+SCORECARD_SETS = (
+    "multi30k:val",
+    "multi30k:test_2016_flickr",
+    "tatoeba:test",
+    "news:newstest2013",
+    "python-docs-fr:test",
+)
+
+
+def parse_test_sets(spec: str) -> list[tuple[str, str]]:
+    """`"corpus:split,corpus"` -> `[(corpus, split), (corpus, "test")]`.
+
+    Raises:
+        ValueError: naming the malformed entry.
+    """
+    sets = []
+    for entry in spec.split(","):
+        entry = entry.strip()
+        corpus, _, split = entry.partition(":")
+        if not corpus or entry.count(":") > 1 or (":" in entry and not split):
+            raise ValueError(
+                f"test set {entry!r}: write corpus:split (e.g. multi30k:val) or corpus (its test "
+                "split), separated by commas"
+            )
+        sets.append((corpus, split or "test"))
+    if len(set(sets)) != len(sets):
+        raise ValueError(f"a test set is listed twice in {spec!r}")
+    return sets
+
+
+def scorecard(translator, test_sets, beam_sizes, report=None) -> list[dict]:
+    """BLEU and chrF of `translator` on each test set at each beam size (a model card's table).
+
+    Args:
+        translator: A `Translator` (anything with its `translate`).
+        test_sets: `[(label, sources, references)]`, as `load_test_set` gives them.
+        beam_sizes: The beam sizes to score each set with (1 is greedy search).
+        report: Called with each row as it is done (progress for long runs).
+
+    Returns:
+        One dict per (test set, beam size): `test_set`, `beam_size`, `sentences`, `bleu`,
+        `chrf`, `sentences_per_second` and both sacreBLEU signatures.
+    """
+    rows = []
+    for label, sources, references in test_sets:
+        for beam in beam_sizes:
+            result = evaluate(translator, sources, references, beam_size=beam, progress=False)
+            row = {"test_set": label, "beam_size": beam}
+            row.update({k: v for k, v in result.items() if k not in ("hypotheses", "bleu_detail")})
+            rows.append(row)
+            if report is not None:
+                report(row)
+    return rows
+
+
+def format_scorecard(rows: list[dict]) -> str:
+    """The rows of `scorecard` as a Markdown table: one line per test set, BLEU and chrF per
+    beam size, then the sacreBLEU signatures."""
+    beams = sorted({row["beam_size"] for row in rows})
+    sets = list(dict.fromkeys(row["test_set"] for row in rows))
+    by_key = {(row["test_set"], row["beam_size"]): row for row in rows}
+    name = {1: "greedy"}
+    head = ["test set", "sentences"]
+    for beam in beams:
+        head += [f"{name.get(beam, f'beam {beam}')} BLEU", f"{name.get(beam, f'beam {beam}')} chrF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in sets:
+        cells = [label, str(by_key[label, beams[0]]["sentences"])]
+        for beam in beams:
+            row = by_key[label, beam]
+            cells += [f"{row['bleu']:.2f}", f"{row['chrf']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", f"BLEU: {rows[0]['bleu_signature']}", f"chrF: {rows[0]['chrf_signature']}"]
+    return "\n".join(lines)
