@@ -393,33 +393,41 @@ def strings(values):
     return [v.decode("utf-8") for v in values if v]
 
 
-@pytest.mark.parametrize("beam_size", [1, 3])
-def test_translate_signature_takes_a_length_penalty_per_text(tiny_export_dir, beam_size):
+def test_translate_signature_takes_a_length_penalty_per_text(tiny_export_dir):
     """One call with a penalty per text = each text translated alone with its penalty (what
-    lets the server merge requests with different penalties into one model call); a scalar
-    still works, and a wrong count is an error that says what to give."""
+    lets the server merge requests with different penalties into one model call), greedy and
+    beam; a scalar still works, and a wrong count is an error that says what to give."""
     import tensorflow as tf
 
     from translator.inference import load
 
-    alphas = [0.0, 3.0, 0.6, 6.0]
-    served = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, alphas, n_best=1)
-    translator = load(tiny_export_dir)
-    for row, (text, alpha) in enumerate(zip(TEXTS, alphas, strict=True)):
-        [alone] = translator.translate(
-            [text], beam_size=beam_size, length_penalty=alpha, segment=False
+    signature = tf.saved_model.load(str(tiny_export_dir / "1")).signatures["translate"]
+
+    def served(beam_size, length_penalty):
+        out = signature(
+            text=tf.constant(TEXTS),
+            beam_size=tf.constant(beam_size),
+            n_best=tf.constant(1),
+            length_penalty=tf.constant(length_penalty, tf.float32),
         )
-        assert served["translations"][row, 0].decode() == alone.text
-        np.testing.assert_allclose(served["scores"][row, 0], alone.score, rtol=1e-5, atol=1e-5)
-    # The penalties reach the scores: the same hypotheses rescored with one penalty differ.
-    shared = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, 0.0, n_best=1)
-    assert not np.allclose(shared["scores"][[1, 3], 0], served["scores"][[1, 3], 0])
-    one = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, [3.0], n_best=1)
-    many = translate_signature(tiny_export_dir / "1", TEXTS, beam_size, [3.0] * 4, n_best=1)
-    np.testing.assert_allclose(one["scores"], many["scores"], rtol=1e-6)
+        return [t.decode() for t in out["translations"].numpy()[:, 0]], out["scores"].numpy()[:, 0]
+
+    alphas = [0.0, 3.0, 0.6, 6.0]
+    translator = load(tiny_export_dir)
+    for beam_size in (1, 3):
+        texts, scores = served(beam_size, alphas)
+        for row, (text, alpha) in enumerate(zip(TEXTS, alphas, strict=True)):
+            [alone] = translator.translate(
+                [text], beam_size=beam_size, length_penalty=alpha, segment=False
+            )
+            assert texts[row] == alone.text
+            np.testing.assert_allclose(scores[row], alone.score, rtol=1e-5, atol=1e-5)
+        # The penalties reach the scores: the same hypotheses with one penalty score otherwise.
+        assert not np.allclose(served(beam_size, 0.0)[1][[1, 3]], scores[[1, 3]])
+        np.testing.assert_allclose(served(beam_size, [3.0])[1], served(beam_size, [3.0] * 4)[1])
     for bad in ([0.6, 0.6], [[0.6]] * 4):
         with pytest.raises(tf.errors.InvalidArgumentError, match="one value, or one per text"):
-            translate_signature(tiny_export_dir / "1", TEXTS, beam_size, bad)
+            served(3, bad)
 
 
 def test_beam_size_1_is_greedy_through_translator_and_savedmodel(tiny_export_dir):
