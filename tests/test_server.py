@@ -852,6 +852,31 @@ def test_remote_backend_forwards_to_tf_serving(client, tiny_export_dir):
             assert all(a.status_code == 200 for a in answers)
             assert len(stub.requests) - before < 12  # merged into fewer TF Serving calls
 
+            # Different length penalties merge too: TF Serving gets one value per text.
+            texts = ["one red cat", "big house", "two small dogs"]
+            before = len(stub.requests)
+            with ThreadPoolExecutor(3) as pool:
+                answers = list(
+                    pool.map(
+                        lambda a: gateway.post(
+                            "/v1/translate", json={"text": a[0], "length_penalty": a[1]}
+                        ),
+                        zip(texts, (0.0, 1.0, 2.0), strict=True),
+                    )
+                )
+            assert all(a.status_code == 200 for a in answers)
+            alone = [
+                client.post("/v1/translate", json={"text": t, "length_penalty": a}).json()
+                for t, a in zip(texts, (0.0, 1.0, 2.0), strict=True)
+            ]
+            for answer, expected in zip(answers, alone, strict=True):
+                got, want = answer.json()["translations"][0], expected["translations"][0]
+                assert got["text"] == want["text"]
+                assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+            calls = [b for m, _, b in stub.requests[before:] if m == "POST"]
+            assert len(calls) < 3  # merged: one value per text went over
+            assert any(isinstance(b["inputs"]["length_penalty"], list) for b in calls)
+
             stub.fail_next = (400, "assertion failed: [n_best must not be larger than beam_size]")
             refused = gateway.post("/v1/translate", json={"text": "a", "beam_size": 2})
             assert refused.status_code == 400 and "n_best" in refused.json()["error"]
