@@ -113,7 +113,7 @@ def test_projection_dtype_is_a_translator_option(tiny_export_dir):
 
 def test_compute_dtype_is_a_translator_option(tiny_export_dir, monkeypatch):
     from translator import hardware
-    from translator.inference import load
+    from translator.inference import load, resolve_compute_dtype
 
     texts = ["one red cat", "big house", "two small dogs"]
     exact_translator = load(tiny_export_dir)
@@ -126,14 +126,12 @@ def test_compute_dtype_is_a_translator_option(tiny_export_dir, monkeypatch):
     # Every matmul rounds here, not only the projection: a few more roundings.
     assert_bfloat16_scores_close(fast, exact, factor=8)
     # auto: adaptive (float32 for few rows, a bfloat16 copy for many) only where the CPU has
-    # bfloat16 matmuls; float32 elsewhere.
+    # bfloat16 matmuls, float32 elsewhere (what adaptive decodes: tests/test_export.py).
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
     adaptive = load(tiny_export_dir, compute_dtype="auto")
-    assert adaptive.model.decoder.compute_dtype == "float32"
-    assert adaptive._bfloat16_model.decoder.compute_dtype == "bfloat16"
+    assert adaptive.adaptive and adaptive.model.decoder.compute_dtype == "float32"
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
-    plain = load(tiny_export_dir, compute_dtype="auto")
-    assert plain.model.decoder.compute_dtype == "float32" and plain._bfloat16_model is None
+    assert resolve_compute_dtype("auto") == "float32"
     with pytest.raises(ValueError, match="compute_dtype must be one of None, float32, bfloat16"):
         load(tiny_export_dir, compute_dtype="float16")
     proc = cli("translate", "--model", str(tiny_export_dir), "--compute-dtype", "bfloat16",
