@@ -366,3 +366,9 @@ def test_scorecard_scores_every_set_at_every_beam_as_evaluate_does(tmp_path, mon
         assert "translator scorecard: error:" in err and message in err, err
         assert table.calls == []
     assert scorecard(table, [], [1]) == []
+    # Signatures that differ (Tatoeba has several references) are each listed with their sets.
+    two = [dict(rows[0]), dict(rows[2], test_set="tatoeba.test", bleu_signature="nrefs:var|x")]
+    text = format_scorecard(two)
+    assert f"BLEU (multi30k.val): {rows[0]['bleu_signature']}" in text
+    assert "BLEU (tatoeba.test): nrefs:var|x" in text
+    assert f"chrF: {rows[0]['chrf_signature']}" in text  # one chrF signature: no labels

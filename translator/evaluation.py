@@ -173,6 +173,13 @@ def format_scorecard(rows: list[dict]) -> str:
             row = by_key[label, beam]
             cells += [f"{row['bleu']:.2f}", f"{row['chrf']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if rows:
-        lines += ["", f"BLEU: {rows[0]['bleu_signature']}", f"chrF: {rows[0]['chrf_signature']}"]
+    # The signatures, once each (they differ in nrefs where a set has several references).
+    lines.append("")
+    for metric, title in (("bleu", "BLEU"), ("chrf", "chrF")):
+        by_signature = {}
+        for row in rows:
+            by_signature.setdefault(row[f"{metric}_signature"], []).append(row["test_set"])
+        for signature, labels in by_signature.items():
+            where = "" if len(by_signature) == 1 else f" ({', '.join(dict.fromkeys(labels))})"
+            lines.append(f"{title}{where}: {signature}")
     return "\n".join(lines)

@@ -248,7 +248,8 @@ def export(
     new model beside the old newest version (for the few renames in between); an error in
     that window puts the previous files back (`translator.files.publish`). A process killed
     in it (no code runs to undo anything) can leave new files beside the old newest version,
-    and its `.export-*.tmp` staging directory, which the next export into `out_dir` deletes. With
+    and its `.export-*.tmp` staging directory, which the next export into `out_dir` on the same
+    host deletes (`translator.files.staging_dir`). With
     `weights_dtype="float16"`, weights are first rounded to float16 so that the `.keras` model
     (float32 values) and the SavedModel (float16 storage) translate identically.
     `projection_dtype` (`"float32"` or `"bfloat16"`) replaces the config's
