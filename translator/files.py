@@ -185,7 +185,8 @@ def _remove_abandoned(parent: Path, prefix: str, keep: Path) -> None:
         try:
             if other == keep or not other.is_dir() or other.is_symlink() or not _abandoned(other):
                 continue
-            if any((other / ".previous").iterdir()) if (other / ".previous").is_dir() else False:
+            previous = other / ".previous"
+            if previous.is_dir() and any(previous.iterdir()):
                 log.warning(
                     "keeping %s: an interrupted export left the previous files of %s in its "
                     ".previous/ (move them back, then delete it)",
