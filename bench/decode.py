@@ -5,7 +5,9 @@ Python API (`translator.load`) and through the exported SavedModel (`translate` 
 graph TF Serving runs), at batch sizes 1, 32 and 64; the Python API also with the output
 projection in bfloat16 (`projection_dtype="bfloat16"`, "Python bf16 proj") and with every matmul in
 bfloat16 (`compute_dtype="bfloat16"`, "Python bf16"), and a SavedModel exported with
-`compute_dtype="bfloat16"` ("SavedModel bf16"). Prints sentences/s (the best of `--rounds`
+`compute_dtype="bfloat16"` ("SavedModel bf16"); where the model directory has a vocabulary shortlist
+(`shortlist.npz`, which the other paths use), the same two without it ("SavedModel whole vocab",
+exported here with `shortlist=False`, and "Python whole vocab"). Prints sentences/s (the best of `--rounds`
 interleaved runs, as the machine is shared), the beam-5 / greedy cost ratio measured in this run
 (target: <= 2.5x at batch 64), and the median latency of one sentence at beam 5 (target: < 50 ms). The peers' figures, measured on this machine type with the
 21M-parameter `multi30k_lstm` architecture, are printed for context: OpenNMT-tf 2.32 beam 5 batch 32
@@ -42,7 +44,15 @@ PEERS = {
 }
 
 
-PATHS = ("SavedModel", "Python API", "Python bf16 proj", "Python bf16", "SavedModel bf16")
+PATHS = (
+    "SavedModel",
+    "Python API",
+    "Python bf16 proj",
+    "Python bf16",
+    "SavedModel bf16",
+    "SavedModel whole vocab",
+    "Python whole vocab",
+)
 
 
 def load_sentences(n):
@@ -172,6 +182,9 @@ def main():
         load(model_dir, projection_dtype="bfloat16") if "Python bf16 proj" in paths else None
     )
     translator_bf16 = load(model_dir, compute_dtype="bfloat16") if "Python bf16" in paths else None
+    if translator.shortlist is None:  # nothing to compare against
+        paths = [p for p in paths if "whole vocab" not in p]
+    translator_whole = load(model_dir, shortlist=None) if "Python whole vocab" in paths else None
     loaded, version_dir = load_saved_model(model_dir)
     signature = loaded.signatures["translate"]
     signature_bf16 = None
@@ -180,9 +193,16 @@ def main():
 
         version = export(model_dir, os.path.join(tmp.name, "bf16"), compute_dtype="bfloat16")
         signature_bf16 = tf.saved_model.load(str(version)).signatures["translate"]
+    signature_whole = None
+    if "SavedModel whole vocab" in paths:
+        from translator.export import export
+
+        version = export(model_dir, os.path.join(tmp.name, "whole"), shortlist=False)
+        signature_whole = tf.saved_model.load(str(version)).signatures["translate"]
     params = translator.model.count_params()
     sentences = load_sentences(args.sentences)
-    print(f"{model_dir}: {params / 1e6:.1f}M parameters, {len(sentences)} sentences, "
+    print(f"{model_dir}: {params / 1e6:.1f}M parameters, shortlist {translator.shortlist}, "
+          f"{len(sentences)} sentences, "
           f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}")  # fmt: skip
 
     def python_api(beam):
@@ -208,6 +228,10 @@ def main():
         "Python bf16 proj": python_bf16_proj,
         "Python bf16": python_bf16,
         "SavedModel bf16": lambda beam: saved_model(beam, signature_bf16),
+        "SavedModel whole vocab": lambda beam: saved_model(beam, signature_whole),
+        "Python whole vocab": lambda beam: (
+            lambda batch: translator_whole.translate(batch, beam_size=beam)
+        ),
     }
     rates = {}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:

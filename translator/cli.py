@@ -1,4 +1,4 @@
-"""`translator train | average | evaluate | translate | export | serve`: parse arguments, load the config, call one function."""
+"""`translator train | average | evaluate | scorecard | shortlist | translate | export | serve`: parse arguments, load the config, call one function."""
 
 from __future__ import annotations
 
@@ -164,6 +164,80 @@ def default_hypotheses_path(model: str, label: str, beam: int) -> str:
     return re.sub(r"[^\w.-]+", "_", name)
 
 
+def cmd_shortlist(args) -> int:
+    from pathlib import Path
+
+    from translator import corpora
+    from translator.config import load_config
+    from translator.inference import load
+    from translator.shortlist import FILENAME, build
+
+    model_dir = Path(args.model)
+    if model_dir.suffix == ".keras":
+        model_dir = model_dir.parent
+    config = (
+        load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else None
+    )
+    if args.corpora:
+        mixture = [(name.strip(), 1.0) for name in args.corpora.split(",") if name.strip()]
+    elif config is not None:
+        mixture = [(c.name, c.weight) for c in config.data.corpora]
+    else:
+        raise ValueError(
+            f"{model_dir} has no config.yaml to read its training corpora from: name them with "
+            "--corpora (e.g. multi30k,tatoeba)"
+        )
+    data_dir = args.data_dir or (config.data.data_dir if config is not None else None)
+    # The corpora first: a missing one fails before the model loads.
+    pairs = corpora.load_mixture(mixture, "train", data_dir)
+    translator = load(model_dir, shortlist=None)
+    print(
+        f"learning the lexical table from {min(len(pairs), args.max_pairs):,} of {len(pairs):,} "
+        f"pairs ({', '.join(f'{c} x{w:g}' for c, w in mixture)})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def progress(done, total):
+        print(f"\rIBM Model 1: EM iteration {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    shortlist = build(
+        pairs,
+        translator.source_tokenizer,
+        translator.target_tokenizer,
+        top_k=args.top_k,
+        frequent=args.frequent,
+        iterations=args.iterations,
+        max_pairs=args.max_pairs,
+        progress=progress,
+    )
+    print(file=sys.stderr)
+    if config is not None and config.data.validation_corpus:
+        held_out = corpora.load_pairs(
+            config.data.validation_corpus, config.data.validation_split, data_dir
+        )
+        import sentencepiece as spm
+
+        source = spm.SentencePieceProcessor(model_proto=translator.source_tokenizer.proto)
+        target = spm.SentencePieceProcessor(model_proto=translator.target_tokenizer.proto)
+        covered, size = shortlist.coverage(
+            source.encode([e for e, _ in held_out]), target.encode([f for _, f in held_out])
+        )
+        print(
+            f"{config.data.validation_corpus} {config.data.validation_split}: {covered:.1%} of "
+            f"the reference pieces are in their sentence's shortlist (mean size {size:.0f} of "
+            f"{shortlist.target_vocab:,})"
+        )
+    shortlist.save(model_dir / FILENAME)
+    print(
+        f"wrote {model_dir / FILENAME} (top {shortlist.top_k} per source piece, "
+        f"{len(shortlist.frequent)} frequent): `translator.load` and `translator export` of "
+        f"{model_dir} now use it; delete it, or pass --no-shortlist, to decode over the whole "
+        "vocabulary"
+    )
+    return 0
+
+
 def cmd_export(args) -> int:
     from translator.export import export
 
@@ -175,6 +249,7 @@ def cmd_export(args) -> int:
         projection_dtype=args.projection_dtype,
         compute_dtype=args.compute_dtype,
         bfloat16_rows=args.bfloat16_rows,
+        shortlist=not args.no_shortlist,
     )
     print(f"exported {args.model} to {path} (TF Serving model base path: {args.out})")
     return 0
@@ -213,12 +288,21 @@ def add_decoding_arguments(parser) -> None:
         "from decoding.bfloat16_rows rows); auto is adaptive where the hardware has bfloat16 "
         "matmuls, else float32",
     )
+    parser.add_argument(
+        "--no-shortlist",
+        action="store_true",
+        help="decode over the whole target vocabulary even when the model directory has a "
+        "shortlist.npz (see `translator shortlist`)",
+    )
 
 
 def decoding_overrides(args) -> dict:
     """`translator.load` overrides from the arguments of `add_decoding_arguments`."""
     names = ("early_stopping", "projection_dtype", "compute_dtype")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.no_shortlist:
+        overrides["shortlist"] = None
+    return overrides
 
 
 def cmd_translate(args) -> int:
@@ -372,6 +456,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <run-dir>/averaged-<last>)")
     p.set_defaults(func=cmd_average)
 
+    p = sub.add_parser(
+        "shortlist",
+        help="learn a vocabulary shortlist (lexical table) that makes decoding faster",
+        description="Learns, from the model's training corpora, the target pieces each source "
+        "piece makes likely (IBM Model 1), and writes <model>/shortlist.npz: `translator.load` "
+        "and `translator export` then decode each call over the pieces of its sources instead "
+        "of the whole vocabulary.",
+    )
+    p.add_argument("--model", required=True, help="run directory or model directory")
+    p.add_argument(
+        "--corpora",
+        help="training corpora, separated by commas (default: the model's config.yaml "
+        "data.corpora, with their weights)",
+    )
+    p.add_argument("--data-dir", help="local corpus directory (else $TRANSLATOR_DATA_DIR)")
+    p.add_argument("--top-k", type=int, default=20, help="target pieces per source piece (20)")
+    p.add_argument("--frequent", type=int, default=300, help="most frequent pieces kept (300)")
+    p.add_argument("--iterations", type=int, default=5, help="EM iterations (5)")
+    p.add_argument(
+        "--max-pairs", type=int, default=200_000, help="pairs sampled for learning (200,000)"
+    )
+    p.set_defaults(func=cmd_shortlist)
+
     p = sub.add_parser("export", help="write a TF Serving SavedModel and a .keras model")
     p.add_argument("--model", required=True, help="training run directory or model directory")
     p.add_argument("--out", required=True, help="export directory, e.g. saved_models/en-fr")
@@ -408,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --compute-dtype adaptive: the rows (sentences x beam size) from which a call "
         "decodes in bfloat16 (default: the model's config.yaml, 64; `python bench/decode.py "
         "--calibrate` measures this machine's)",
+    )
+    p.add_argument(
+        "--no-shortlist",
+        action="store_true",
+        help="export without the model directory's shortlist.npz (decode over the whole "
+        "vocabulary)",
     )
     p.set_defaults(func=cmd_export)
 

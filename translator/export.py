@@ -230,6 +230,7 @@ def export(
     projection_dtype: str | None = None,
     compute_dtype: str | None = None,
     bfloat16_rows: int | None = None,
+    shortlist: bool = True,
 ) -> Path:
     """`translator export`: a run or model directory -> an export directory (see module docs).
 
@@ -261,6 +262,10 @@ def export(
     with `"adaptive"` the graph chooses per call, bfloat16 from `bfloat16_rows` rows (batch x
     beam size; replaces `decoding.bfloat16_rows`) and float32 below, the weights stored once;
     `"auto"` is `"adaptive"` on a machine with bfloat16 matmuls, `"float32"` elsewhere.
+    A vocabulary shortlist beside the model (`shortlist.npz`, see `translator.shortlist`) is
+    built into the SavedModel's graph and copied beside the versions, so `translator.load` of
+    the export decodes as the SavedModel does; `shortlist=False` leaves it out (and removes
+    the export directory's previous one).
 
     Returns:
         The SavedModel version directory.
@@ -300,7 +305,9 @@ def export(
         )
         if value is not None
     }
-    translator = with_tokenizers(load(model_path, **overrides))
+    translator = with_tokenizers(
+        load(model_path, **overrides, **({} if shortlist else {"shortlist": None}))
+    )
     if bfloat16_rows is not None and not translator.adaptive:
         raise ExportError(
             f"bfloat16_rows={bfloat16_rows} applies to compute_dtype adaptive only (or auto on a "
@@ -311,6 +318,8 @@ def export(
     round_weights(translator.model, weights_dtype)
     with staging_dir(out_dir, prefix=".export-") as staging:
         for name in _SIDE_FILES:
+            if name == "shortlist.npz" and translator.shortlist is None:
+                continue
             if (source_dir / name).is_file() and not (name == "config.yaml" and overrides):
                 shutil.copyfile(source_dir / name, staging / name)
         if overrides:
@@ -329,12 +338,17 @@ def export(
             final = out_dir / str(version)
             moves = [(staging / name, out_dir / name) for name in names]
             publish([*moves, (staging / "saved_model", final)], staging / ".previous")
+            stale = out_dir / "shortlist.npz"
+            if translator.shortlist is None and stale.is_file():
+                # An earlier export's: `load` of the directory must decode as this version.
+                stale.unlink()
+                log.info("removed %s (this version decodes over the whole vocabulary)", stale)
     log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
     return final
 
 
 # The files beside the versions that an export copies from the model it exports.
-_SIDE_FILES = ("spm.model", "spm.source.model", "spm.target.model", "config.yaml")
+_SIDE_FILES = ("spm.model", "spm.source.model", "spm.target.model", "config.yaml", "shortlist.npz")
 
 
 def _check_new_version(out_dir: Path, version: int) -> None:

@@ -102,6 +102,10 @@ class Translator:
             the hardware has bfloat16 matmuls and `"float32"` elsewhere (bfloat16 is emulated,
             and slower at every size).
         bfloat16_rows: The rows from which `"adaptive"` decodes in bfloat16.
+        shortlist: A `translator.shortlist.Shortlist` (`load` reads the model directory's
+            `shortlist.npz`): each call decodes over the target pieces its sources make likely
+            instead of the whole vocabulary, a smaller output projection at every step. `None`:
+            the whole vocabulary.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class Translator:
         projection_dtype=_DEFAULTS.projection_dtype,
         compute_dtype=_DEFAULTS.compute_dtype,
         bfloat16_rows=_DEFAULTS.bfloat16_rows,
+        shortlist=None,
     ):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
@@ -165,6 +170,14 @@ class Translator:
         self.batch_size = batch_size
         self.max_source_length = max_source_length
         self.split_length = split_length
+        if shortlist is not None:
+            shortlist.check(
+                source_tokenizer.proto,
+                target_tokenizer.proto,
+                source_tokenizer.vocabulary_size(),
+                where="given to this Translator",
+            )
+        self.shortlist = shortlist
         self.translate_graph = tf.function(
             self.translate_tensors,
             input_signature=[
@@ -245,7 +258,7 @@ class Translator:
 
     def options(self) -> dict:
         """The constructor's keyword arguments (decoding options) of this translator."""
-        names = (*_DEFAULTS.model_dump(), "max_source_length", "split_length")
+        names = (*_DEFAULTS.model_dump(), "max_source_length", "split_length", "shortlist")
         return {name: getattr(self, name) for name in names}
 
     def translate_tensors(self, text, beam_size, n_best, length_penalty, coverage_penalty):
@@ -279,7 +292,9 @@ class Translator:
             source_ids, source_lengths = self.encode_source(text)
         batch = tf.shape(source_ids)[0]
         alpha = tf.broadcast_to(tf.reshape(length_penalty, [-1]), [batch])  # (batch,)
-        args = (source_ids, source_lengths, beam_size, n_best, alpha, coverage_penalty)
+        # The call's target vocabulary (None: all of it), chosen once for both compute paths.
+        vocabulary = None if self.shortlist is None else self.shortlist.select(source_ids)
+        args = (source_ids, source_lengths, beam_size, n_best, alpha, coverage_penalty, vocabulary)
         if self._bfloat16_model is None:
             ids, lengths, scores, alignments = self._decode(self.model, *args)
         else:
@@ -304,9 +319,12 @@ class Translator:
             "source_lengths": source_lengths,
         }
 
-    def _decode(self, model, source_ids, source_lengths, beam_size, n_best, alpha, beta):
+    def _decode(
+        self, model, source_ids, source_lengths, beam_size, n_best, alpha, beta, vocabulary=None
+    ):
         """Encoder and search with `model`: `(ids, lengths, scores, alignments)`, each
-        `(batch, n_best, ...)`; greedy search when `beam_size` is 1."""
+        `(batch, n_best, ...)`; greedy search when `beam_size` is 1. With `vocabulary` (sorted
+        target ids starting with the specials) the search runs over those ids only."""
         constants, state = model.encode(source_ids)
         batch = tf.shape(source_ids)[0]
         max_length = (
@@ -328,14 +346,18 @@ class Translator:
         def greedy():
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
-            r = search.greedy_search(model.step_function(self.projection_dtype), **search_args)
+            r = search.greedy_search(
+                model.step_function(self.projection_dtype, vocabulary=vocabulary), **search_args
+            )
             scores = r.log_probs / search.gnmt_length_penalty(r.lengths, alpha[:, tf.newaxis])
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
             r = search.beam_search(
                 # The beams of a sentence share its encoder memory: read once per step.
-                model.step_function(self.projection_dtype, shared_constants=True),
+                model.step_function(
+                    self.projection_dtype, shared_constants=True, vocabulary=vocabulary
+                ),
                 tile_constants=False,
                 beam_size=beam_size,
                 n_best=n_best,
@@ -346,7 +368,10 @@ class Translator:
             )
             return r.ids, r.lengths, r.scores, r.alignments
 
-        return tf.cond(tf.equal(beam_size, 1), greedy, beam)
+        ids, lengths, scores, alignments = tf.cond(tf.equal(beam_size, 1), greedy, beam)
+        if vocabulary is not None:  # positions in the shortlist -> target ids
+            ids = tf.gather(vocabulary, ids)
+        return ids, lengths, scores, alignments
 
     def _decode_in_bfloat16(self, *args):
         """`_decode` with the bfloat16 copy, every read of its variables mapped to the value of
@@ -526,13 +551,15 @@ def load(path, **overrides) -> Translator:
     """Loads a trained translator from a run directory or a shipped model directory.
 
     The directory holds `model.keras` and `config.yaml` (decoding defaults, and
-    `data.max_length` as `split_length`). The SentencePiece model(s) come from the `.keras` file
+    `data.max_length` as `split_length`), and optionally `shortlist.npz` (a vocabulary
+    shortlist, see `translator.shortlist`, used when present). The SentencePiece model(s) come from the `.keras` file
     when it carries them (every exported model does), else from `spm.model` (or
     `spm.source.model` and `spm.target.model`) beside it.
 
     Args:
         path: The directory (or a `.keras` file).
-        **overrides: `Translator` arguments that replace the config's decoding defaults.
+        **overrides: `Translator` arguments that replace the config's decoding defaults
+            (`shortlist=None` ignores the directory's `shortlist.npz`).
 
     Raises:
         FileNotFoundError: naming the directory and the file that is missing.
@@ -548,6 +575,8 @@ def load(path, **overrides) -> Translator:
 
     from translator import model as _registers_custom_objects  # noqa: F401 - Seq2Seq & layers
     from translator.config import ConfigError, load_config
+    from translator.shortlist import FILENAME as shortlist_file
+    from translator.shortlist import Shortlist, ShortlistError
     from translator.tokenizer import SentencePieceTokenizer, sentencepiece_files
 
     path = Path(path)
@@ -597,5 +626,16 @@ def load(path, **overrides) -> Translator:
             kwargs["split_length"] = config.data.max_length
         except ConfigError as e:
             raise ValueError(f"{path / 'config.yaml'} is not a valid translator config: {e}") from e
+    if (path / shortlist_file).is_file() and "shortlist" not in overrides:
+        kwargs["shortlist"] = Shortlist.load(path / shortlist_file)
+        try:
+            kwargs["shortlist"].check(
+                source_tokenizer.proto,
+                target_tokenizer.proto,
+                source_tokenizer.vocabulary_size(),
+                where=str(path / shortlist_file),
+            )
+        except ShortlistError as e:
+            raise ValueError(str(e)) from None
     kwargs.update(overrides)
     return Translator(model, source_tokenizer, target_tokenizer, **kwargs)

@@ -229,7 +229,7 @@ class Seq2Seq(keras.Model):
             return self
         return self.copy(dtype)
 
-    def step_function(self, projection_dtype=None, shared_constants=False):
+    def step_function(self, projection_dtype=None, shared_constants=False, vocabulary=None):
         """`decode_step` with its weights read once, here, instead of at every step.
 
         Call it where the decoding loop is built, outside the loop:
@@ -238,11 +238,24 @@ class Seq2Seq(keras.Model):
         `AttentionDecoder.inference_weights`). `shared_constants=True` makes a step function for
         `beam_search(..., tile_constants=False)`: the constants keep one row per sentence,
         shared by its beams, and the attention reads each sentence's memory once per step.
+
+        `vocabulary`, sorted int32 target ids `(K,)` (a `translator.shortlist.Shortlist`'s
+        `select`), restricts the step to those pieces: the output projection is gathered to
+        their `K` columns once, here, the step's ids and logits index `vocabulary` (position
+        `i` is target id `vocabulary[i]`), and the caller maps the chosen positions back with
+        `tf.gather(vocabulary, ids)`. The special ids keep their values when `vocabulary`
+        starts with them, as `select`'s does.
         """
         weights = self.decoder.inference_weights(projection_dtype)
+        if vocabulary is not None:
+            vocabulary = ops.convert_to_tensor(vocabulary, "int32")
+            weights["output_kernel"] = ops.take(weights["output_kernel"], vocabulary, axis=1)
+            weights["output_bias"] = ops.take(weights["output_bias"], vocabulary, axis=0)
 
         def step_fn(ids, state, constants):
             ids = ops.convert_to_tensor(ids, "int32")
+            if vocabulary is not None:
+                ids = ops.take(vocabulary, ids, axis=0)
             return self.decoder.decode_step(
                 ids, state, constants, weights=weights, grouped=shared_constants
             )
