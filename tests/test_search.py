@@ -308,12 +308,18 @@ def test_untiled_constants_reach_each_sentences_beams_through_compaction():
 
 @pytest.mark.parametrize("width", [300, 8000, 8001])
 @pytest.mark.parametrize("k", [1, 6, 65])
-def test_two_pass_top_k_equals_top_k_ties_included(width, k):
+@pytest.mark.parametrize("static_width", [True, False])
+def test_two_pass_top_k_equals_top_k_ties_included(width, k, static_width):
     # Integer logits: many ties, which top_k breaks by the lowest index; k = 65 with 300
-    # columns is more than the 5 blocks of 64, where the plain top_k must take over.
+    # columns is more than the 5 blocks of 64, where the plain top_k must take over. A width
+    # unknown when tracing (a vocabulary shortlist's) takes the same decision in the graph.
     values = tf.round(tf.random.stateless_normal([7, width], seed=[width, k]) * 3.0)
     expected = tf.math.top_k(values, k=k)
-    got = tf.function(search._top_k)(values, tf.constant(k))
+    signature = [
+        tf.TensorSpec([None, None if not static_width else width]),
+        tf.TensorSpec([], tf.int32),
+    ]
+    got = tf.function(search._top_k, input_signature=signature)(values, tf.constant(k))
     np.testing.assert_array_equal(got[0], expected.values)
     np.testing.assert_array_equal(got[1], expected.indices)
 

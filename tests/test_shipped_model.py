@@ -44,9 +44,12 @@ def test_keras_load_model_and_translator_from_model(expected):
     import translator  # noqa: F401 - registers translator's Keras objects
     from translator.config import decoding_options, load_config
     from translator.inference import Translator
+    from translator.shortlist import FILENAME, Shortlist
 
     model = keras.saving.load_model(SHIPPED / "model.keras")
     options = decoding_options(load_config(SHIPPED / "config.yaml").decoding)
+    if (SHIPPED / FILENAME).is_file():  # what `load` adds from the directory
+        options["shortlist"] = Shortlist.load(SHIPPED / FILENAME)
     texts = [r.text for r in Translator.from_model(model, **options).translate(SENTENCES)]
     assert texts == expected
 

@@ -5,45 +5,58 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.tiny import randomize_weights
+from tests.tiny import WORDS, randomize_weights, sentencepieces
 
 TEXTS = ["one red cat", "big house", "two small dogs and a green tree", "five blue cars"]
 
 
 def test_ibm1_learns_which_target_word_translates_each_source_word():
-    """Words 0-9 of the source translate to words 10-19 of the target (a permutation), in
-    random order, and every target sentence holds two function words (20, 21) too:
-    co-occurrence alone ties every word with 20 and 21, IBM Model 1 must not."""
+    """Words 0-9 of the source translate to words 12-21 of the target (a permutation), in
+    random order, and every target sentence holds two function words (10, 11) too: by
+    co-occurrence alone every source word ties with its translation and with 10 and 11 (and
+    the lowest id, a function word, would win the tie); IBM Model 1 must tell them apart."""
     from translator.shortlist import ibm1
 
     rng = np.random.default_rng(0)
-    translation = 10 + rng.permutation(10)
+    translation = 12 + rng.permutation(10)
     sources, targets = [], []
     for _ in range(400):
         words = rng.choice(10, size=rng.integers(2, 6), replace=False)
         sources.append(words.tolist())
-        targets.append(rng.permutation([*translation[words], 20, 21]).tolist())
-    probs = ibm1(sources, targets, source_vocab=10, target_vocab=22, iterations=8)
-    assert probs.shape == (11, 22)  # the last row: the NULL word
+        targets.append(rng.permutation([*translation[words], 10, 11]).tolist())
+    rows, columns, values = ibm1(sources, targets, source_vocab=10, target_vocab=22, iterations=8)
+    probs = np.zeros((11, 22))  # the last row: the NULL word
+    probs[rows, columns] = values
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     assert (probs[:10].argmax(1) == translation).all()
-    assert set(probs[10].argsort()[-2:]) == {20, 21}  # NULL explains the function words
+    best = probs[np.arange(10), translation]
+    assert (best > 2 * probs[:10, 10]).all() and (best > 2 * probs[:10, 11]).all()
+    assert set(probs[10].argsort()[-2:]) == {10, 11}  # NULL explains the function words
+    # Co-occurrence alone (no EM step) does not: the ties the test is built on are there.
+    rows, columns, values = ibm1(sources, targets, 10, 22, iterations=1)
+    first = np.zeros((11, 22))
+    first[rows, columns] = values
+    assert not (first[np.arange(10), translation] > 2 * first[:10, 10]).all()
 
 
-def test_select_is_the_specials_the_frequent_and_the_table_rows_of_the_sources():
+def test_select_gives_the_union_and_each_sentences_own_shortlist():
     import tensorflow as tf
 
-    from translator.shortlist import SPECIALS, Shortlist
+    from translator.shortlist import MASKED, SPECIALS, Shortlist
 
     rng = np.random.default_rng(1)
-    table = rng.integers(0, 50, size=(30, 3)).astype(np.int32)
-    table[0] = 3  # PAD's row adds nothing (EOS, a special)
+    table = rng.integers(0, 50, size=(30, 3)).astype(np.int32)  # PAD's row too: padding
     shortlist = Shortlist(table=table, frequent=np.array([7, 40], np.int32), target_vocab=50)
     source_ids = np.array([[5, 9, 3, 0, 0], [12, 5, 29, 11, 3]], np.int32)
-    want = set(SPECIALS) | {7, 40} | set(table[source_ids.ravel()].ravel().tolist())
-    got = shortlist.select(tf.constant(source_ids)).numpy()
-    assert got.tolist() == sorted(want)
-    assert got[: len(SPECIALS)].tolist() == list(SPECIALS)  # the specials keep their ids
+    always = set(SPECIALS) | {7, 40}
+    own = [always | set(table[row[row != 0]].ravel().tolist()) for row in source_ids]
+    vocabulary, mask = (t.numpy() for t in shortlist.select(tf.constant(source_ids)))
+    assert vocabulary.tolist() == sorted(own[0] | own[1])
+    assert vocabulary[: len(SPECIALS)].tolist() == list(SPECIALS)  # the specials keep their ids
+    for row, pieces in enumerate(own):
+        want = [0.0 if piece in pieces else MASKED for piece in vocabulary]
+        np.testing.assert_array_equal(mask[row], want)
+    assert (mask != 0).any()  # the two sentences' shortlists differ
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +78,16 @@ def _bias(model):
     return decoder.output_bias_tied if decoder.tie_embeddings else decoder.projection.bias
 
 
-@pytest.mark.parametrize("beam_size", [1, 3])
+@pytest.mark.parametrize(("beam_size", "n_best", "coverage_penalty"), [(1, 1, 0.0), (3, 2, 0.2)])
 def test_decoding_over_a_shortlist_equals_decoding_with_the_other_pieces_masked(
-    random_model_translator, beam_size
+    random_model_translator, beam_size, n_best, coverage_penalty
 ):
-    """The reference: the whole vocabulary, with every piece outside the call's shortlist given
-    a bias of -1e9, so it is never chosen and adds nothing to the softmax's normalizer. A random
-    table of 2 pieces per source piece: same texts, scores and alignments."""
+    """The reference: each sentence alone over the whole vocabulary, every piece outside its
+    own shortlist given a bias of -1e9, so it is never chosen and adds nothing to the softmax's
+    normalizer. The shortlisted call decodes the four sentences together, over the union of
+    their shortlists: each gets the reference's texts, n-best scores and alignments, so a
+    sentence's answer does not depend on its neighbours. A random table of 2 pieces per
+    source piece, none of them a piece the unrestricted model outputs."""
     import tensorflow as tf
 
     from translator.inference import Translator
@@ -80,8 +96,7 @@ def test_decoding_over_a_shortlist_equals_decoding_with_the_other_pieces_masked(
     full = random_model_translator
     tok = full.target_tokenizer
     vocab = tok.vocabulary_size()
-    # Pieces the unrestricted model does not output: the shortlist must change its answers.
-    unrestricted = full.translate_tensors(TEXTS, beam_size, 1, 0.6, 0.0)["ids"].numpy()
+    unrestricted = full.translate_tensors(TEXTS, beam_size, n_best, 0.6, 0.0)["ids"].numpy()
     pool = np.setdiff1d(np.arange(4, vocab), unrestricted)
     rng = np.random.default_rng(7)
     shortlist = Shortlist(
@@ -93,32 +108,38 @@ def test_decoding_over_a_shortlist_equals_decoding_with_the_other_pieces_masked(
     short = Translator(
         full.model, full.source_tokenizer, tok, **{**full.options(), "shortlist": shortlist}
     )
-    options = dict(beam_size=beam_size, n_best=1, length_penalty=0.6, segment=False)
-    got = short.translate(TEXTS, return_alignment=True, **options)
-    source_ids, _ = full.encode_source(tf.constant(TEXTS))
-    allowed = shortlist.select(source_ids).numpy()
+    options = dict(
+        beam_size=beam_size, n_best=n_best, length_penalty=0.6,
+        coverage_penalty=coverage_penalty, segment=False, return_alignment=True,
+    )  # fmt: skip
+    got = short.translate(TEXTS, **options)
+    ids = short.translate_tensors(TEXTS, beam_size, n_best, 0.6, coverage_penalty)["ids"].numpy()
     bias = _bias(full.model)
     saved = bias.numpy()
-    masked = np.full_like(saved, -1e9)
-    masked[allowed] = saved[allowed]
-    bias.assign(masked)
-    try:
-        want = full.translate(TEXTS, return_alignment=True, **options)
-    finally:
-        bias.assign(saved)
-    assert [r.text for r in got] == [r.text for r in want]
-    np.testing.assert_allclose([r.score for r in got], [r.score for r in want], rtol=1e-5)
-    for g, w in zip(got, want, strict=True):
-        assert g.target_tokens == w.target_tokens
-        np.testing.assert_allclose(g.alignment, w.alignment, atol=1e-6)
-    # Every id of the graph's output is one of the call's shortlist (padding is PAD_ID).
-    ids = short.translate_tensors(TEXTS, beam_size, 1, 0.6, 0.0)["ids"].numpy()
-    assert set(ids.ravel().tolist()) <= set(allowed.tolist())
-    # The shortlist mattered: the pieces chosen are none of the unrestricted model's.
-    chosen = [set(ids[row].ravel().tolist()) - {0, 3} for row in range(len(TEXTS))]
-    assert any(chosen)
-    for row, pieces in enumerate(chosen):
-        assert not pieces & set(unrestricted[row].ravel().tolist()), row
+    for row, text in enumerate(TEXTS):
+        source_ids, _ = full.encode_source(tf.constant([text]))
+        own, _ = shortlist.select(source_ids)  # one sentence: the call's vocabulary is its own
+        own = own.numpy()
+        masked = np.full_like(saved, -1e9)
+        masked[own] = saved[own]
+        bias.assign(masked)
+        try:
+            [want] = full.translate([text], **options)
+        finally:
+            bias.assign(saved)
+        assert got[row].text == want.text, row
+        assert [t for t, _ in got[row].n_best] == [t for t, _ in want.n_best], row
+        np.testing.assert_allclose(
+            [s for _, s in got[row].n_best], [s for _, s in want.n_best], rtol=1e-5, atol=1e-6
+        )
+        assert got[row].target_tokens == want.target_tokens, row
+        np.testing.assert_allclose(got[row].alignment, want.alignment, atol=1e-6)
+        # Its ids are all in its own shortlist (padding is PAD_ID) ...
+        assert set(ids[row].ravel().tolist()) <= set(own.tolist()), row
+        # ... and none is a piece the unrestricted model chose: the shortlist mattered.
+        chosen = set(ids[row].ravel().tolist()) - {0, 3}
+        assert not chosen & set(unrestricted[row].ravel().tolist()), row
+    assert any(set(ids[row].ravel().tolist()) - {0, 3} for row in range(len(TEXTS)))
 
 
 def _digests(translator):
@@ -150,15 +171,12 @@ def test_shortlist_cli_load_and_export(tiny_run_dir, tmp_path, capsys):
     translator = load(run)
     assert translator.shortlist is not None and translator.shortlist.top_k == 3
     assert load(run, shortlist=None).shortlist is None
-    # A word-for-word task: the table holds each word's translation, so sentences of the
-    # corpus's words translate as without the shortlist (the softmax's normalizer differs, the
-    # choices do not).
-    full = load(run, shortlist=None)
-    options = dict(beam_size=2, length_penalty=0.6, segment=False)
-    known = ["one red cat", "big house", "two small dog", "five blue car green tree"]
-    assert [r.text for r in translator.translate(known, **options)] == [
-        r.text for r in full.translate(known, **options)
-    ]
+    # A word-for-word task: each English word's shortlist holds its French word's pieces.
+    source_sp, target_sp = sentencepieces(run)
+    for english, french in WORDS.items():
+        ids, _ = translator.encode_source(tf.constant([english]))
+        own, _ = translator.shortlist.select(ids)
+        assert set(target_sp.encode(french)) <= set(own.numpy().tolist()), english
 
     version = export(run, tmp_path / "export")
     assert (tmp_path / "export" / "shortlist.npz").is_file()
@@ -172,34 +190,55 @@ def test_shortlist_cli_load_and_export(tiny_run_dir, tmp_path, capsys):
     want = exported.translate_tensors(tf.constant(TEXTS), 2, 1, 0.6, 0.0)
     np.testing.assert_array_equal(served["translations"].numpy(), want["translations"].numpy())
     np.testing.assert_allclose(served["scores"].numpy(), want["scores"].numpy(), rtol=1e-5)
-    # ... and differ from the same export without it (the shortlist's normalizer).
-    whole = load(tmp_path / "export", shortlist=None).translate_tensors(
-        tf.constant(TEXTS), 2, 1, 0.6, 0.0
-    )
-    assert not np.allclose(whole["scores"].numpy(), want["scores"].numpy(), rtol=1e-5)
-    # The graph holds the shortlist: a table lookup of the run's size is in it.
-    graph = signature.graph.as_graph_def()
-    assert "UnsortedSegmentMax" in {n.op for f in graph.library.function for n in f.node_def}
-
+    # The graph holds the shortlist's table (a constant of its shape); the next export, made
+    # without it, does not.
+    table_shape = list(exported.shortlist.table.shape)
+    assert table_shape in _constant_shapes(signature)
     export(run, tmp_path / "export", shortlist=False)
     assert not (tmp_path / "export" / "shortlist.npz").exists()
     assert load(tmp_path / "export").shortlist is None
+    whole = tf.saved_model.load(str(tmp_path / "export" / "2")).signatures["translate"]
+    assert table_shape not in _constant_shapes(whole)
+    # A shortlist learned for an export directory: its versions do not have it, and it says so.
+    assert main(["shortlist", "--model", str(tmp_path / "export"), "--top-k", "3"]) == 0
+    assert "version(s) 1, 2 in" in capsys.readouterr().err
+
+
+def _constant_shapes(signature):
+    graph = signature.graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    return [
+        [d.size for d in n.attr["value"].tensor.tensor_shape.dim] for n in nodes if n.op == "Const"
+    ]
 
 
 def test_a_shortlist_of_other_tokenizers_or_a_broken_file_is_a_clear_error(tiny_run_dir, tmp_path):
     from translator.inference import load
-    from translator.shortlist import Shortlist, ShortlistError
+    from translator.shortlist import Shortlist, ShortlistError, proto_digest
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
-    vocab = load(run).target_tokenizer.vocabulary_size()
-    Shortlist(
-        table=np.full((vocab, 2), 3, np.int32), frequent=np.array([4], np.int32),
-        target_vocab=vocab, digests=("0123", "4567"),
-    ).save(run / "shortlist.npz")  # fmt: skip
-    with pytest.raises(ValueError, match="built for other SentencePiece models.*rebuild it"):
-        load(run)
-    (run / "shortlist.npz").write_bytes(b"not a zip")
-    with pytest.raises(ShortlistError, match=r"cannot read the shortlist .*shortlist.npz"):
-        load(run)
+    tok = load(run).target_tokenizer
+    vocab = tok.vocabulary_size()
+    digests = (proto_digest(tok.proto), proto_digest(tok.proto))
+    good = Shortlist(np.full((vocab, 2), 3, np.int32), np.array([4], np.int32), vocab, digests)
+    good.save(run / "shortlist.npz")
+    assert load(run).shortlist.top_k == 2
+    fix = "rebuild it with `translator shortlist --model <model directory>`, or pass --no-shortlist"
+    for bad, message in (
+        (Shortlist(good.table, good.frequent, vocab, ("0123", "4567")), "other SentencePiece"),
+        (Shortlist(good.table, np.array([vocab], np.int32), vocab, digests), "does not fit"),
+        (Shortlist(good.table[:-1], good.frequent, vocab, digests), "does not fit"),
+    ):
+        bad.save(run / "shortlist.npz")
+        with pytest.raises(ValueError, match=message) as error:
+            load(run)
+        assert fix in str(error.value) and "shortlist.npz" in str(error.value)
+    # Damaged files: not a zip, truncated, empty.
+    good.save(run / "shortlist.npz")
+    whole = (run / "shortlist.npz").read_bytes()
+    for damaged in (b"not a zip", whole[: len(whole) // 2], b""):
+        (run / "shortlist.npz").write_bytes(damaged)
+        with pytest.raises(ShortlistError, match=r"cannot read the shortlist .*shortlist.npz"):
+            load(run)
     assert load(run, shortlist=None).shortlist is None  # still usable without it

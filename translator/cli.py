@@ -169,12 +169,19 @@ def cmd_shortlist(args) -> int:
 
     from translator import corpora
     from translator.config import load_config
+    from translator.files import version_dirs
     from translator.inference import load
     from translator.shortlist import FILENAME, build
 
+    if args.top_k < 1 or args.frequent < 0 or args.iterations < 1 or args.max_pairs < 1:
+        raise ValueError(
+            "--top-k, --iterations and --max-pairs must be at least 1 and --frequent at least 0"
+        )
     model_dir = Path(args.model)
     if model_dir.suffix == ".keras":
         model_dir = model_dir.parent
+    if not (model_dir / "model.keras").is_file():
+        raise FileNotFoundError(f"{model_dir} has no model.keras: give a run or model directory")
     config = (
         load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else None
     )
@@ -191,9 +198,10 @@ def cmd_shortlist(args) -> int:
     # The corpora first: a missing one fails before the model loads.
     pairs = corpora.load_mixture(mixture, "train", data_dir)
     translator = load(model_dir, shortlist=None)
+    max_length = config.data.max_length if config is not None else 100
     print(
-        f"learning the lexical table from {min(len(pairs), args.max_pairs):,} of {len(pairs):,} "
-        f"pairs ({', '.join(f'{c} x{w:g}' for c, w in mixture)})",
+        f"learning the lexical table from up to {args.max_pairs:,} of {len(pairs):,} pairs "
+        f"({', '.join(f'{c} x{w:g}' for c, w in mixture)}; both sides <= {max_length} subwords)",
         file=sys.stderr,
         flush=True,
     )
@@ -209,6 +217,7 @@ def cmd_shortlist(args) -> int:
         frequent=args.frequent,
         iterations=args.iterations,
         max_pairs=args.max_pairs,
+        max_length=max_length,
         progress=progress,
     )
     print(file=sys.stderr)
@@ -235,6 +244,14 @@ def cmd_shortlist(args) -> int:
         f"{model_dir} now use it; delete it, or pass --no-shortlist, to decode over the whole "
         "vocabulary"
     )
+    versions = [str(version) for version, _ in version_dirs(model_dir)]
+    if versions:
+        print(
+            f"note: the SavedModel version(s) {', '.join(versions)} in {model_dir} were exported "
+            "before it and do not use it (TF Serving, `translator serve`): export a new version "
+            f"with it: translator export --model {model_dir} --out {model_dir}",
+            file=sys.stderr,
+        )
     return 0
 
 

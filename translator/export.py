@@ -19,6 +19,7 @@ of unknown rank), so requests with different penalties can share a call.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from translator.files import (
     version_dirs,
 )
 from translator.inference import Translator
+from translator.shortlist import FILENAME as SHORTLIST
 
 log = logging.getLogger("translator.export")
 
@@ -318,17 +320,17 @@ def export(
     round_weights(translator.model, weights_dtype)
     with staging_dir(out_dir, prefix=".export-") as staging:
         for name in _SIDE_FILES:
-            if name == "shortlist.npz" and translator.shortlist is None:
-                continue
             if (source_dir / name).is_file() and not (name == "config.yaml" and overrides):
                 shutil.copyfile(source_dir / name, staging / name)
+        if translator.shortlist is not None:  # the one built into the SavedModel
+            translator.shortlist.save(staging / SHORTLIST)
         if overrides:
             # The decoding the SavedModel is built with, so that `translator.load` of the
             # export directory decodes as the SavedModel does.
             (staging / "config.yaml").write_text(_with_decoding(source_dir, overrides))
         translator.model.save(staging / "model.keras")
         # Published in this order, the version last.
-        names = [n for n in (*_SIDE_FILES, "model.keras") if (staging / n).is_file()]
+        names = [n for n in (*_SIDE_FILES, SHORTLIST, "model.keras") if (staging / n).is_file()]
         _write_saved_model(translator, staging / "saved_model", weights_dtype)
         fsync_tree(staging)
         with locked_directory(out_dir):
@@ -337,18 +339,26 @@ def export(
             _check_new_version(out_dir, version)
             final = out_dir / str(version)
             moves = [(staging / name, out_dir / name) for name in names]
-            publish([*moves, (staging / "saved_model", final)], staging / ".previous")
-            stale = out_dir / "shortlist.npz"
+            # An earlier export's shortlist goes (kept in the staging directory until the
+            # version is in place, put back if publishing fails): `load` of the directory must
+            # decode as the new version, over the whole vocabulary.
+            stale, kept = out_dir / SHORTLIST, staging / f".stale-{SHORTLIST}"
             if translator.shortlist is None and stale.is_file():
-                # An earlier export's: `load` of the directory must decode as this version.
-                stale.unlink()
+                os.replace(stale, kept)
+            try:
+                publish([*moves, (staging / "saved_model", final)], staging / ".previous")
+            except BaseException:
+                if kept.is_file():
+                    os.replace(kept, stale)
+                raise
+            if kept.is_file():
                 log.info("removed %s (this version decodes over the whole vocabulary)", stale)
     log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
     return final
 
 
 # The files beside the versions that an export copies from the model it exports.
-_SIDE_FILES = ("spm.model", "spm.source.model", "spm.target.model", "config.yaml", "shortlist.npz")
+_SIDE_FILES = ("spm.model", "spm.source.model", "spm.target.model", "config.yaml")
 
 
 def _check_new_version(out_dir: Path, version: int) -> None:

@@ -103,9 +103,10 @@ class Translator:
             and slower at every size).
         bfloat16_rows: The rows from which `"adaptive"` decodes in bfloat16.
         shortlist: A `translator.shortlist.Shortlist` (`load` reads the model directory's
-            `shortlist.npz`): each call decodes over the target pieces its sources make likely
-            instead of the whole vocabulary, a smaller output projection at every step. `None`:
-            the whole vocabulary.
+            `shortlist.npz`): each sentence decodes over the target pieces its source makes
+            likely instead of the whole vocabulary, and a call's output projection shrinks to
+            the union of its sentences' pieces (a sentence's translation does not depend on
+            the others in its call). `None`: the whole vocabulary.
     """
 
     def __init__(
@@ -175,6 +176,7 @@ class Translator:
                 source_tokenizer.proto,
                 target_tokenizer.proto,
                 source_tokenizer.vocabulary_size(),
+                target_tokenizer.vocabulary_size(),
                 where="given to this Translator",
             )
         self.shortlist = shortlist
@@ -292,9 +294,10 @@ class Translator:
             source_ids, source_lengths = self.encode_source(text)
         batch = tf.shape(source_ids)[0]
         alpha = tf.broadcast_to(tf.reshape(length_penalty, [-1]), [batch])  # (batch,)
-        # The call's target vocabulary (None: all of it), chosen once for both compute paths.
-        vocabulary = None if self.shortlist is None else self.shortlist.select(source_ids)
-        args = (source_ids, source_lengths, beam_size, n_best, alpha, coverage_penalty, vocabulary)
+        # The call's target vocabulary and each sentence's mask over it (None: the whole
+        # vocabulary), chosen once for both compute paths.
+        shortlist = None if self.shortlist is None else self.shortlist.select(source_ids)
+        args = (source_ids, source_lengths, beam_size, n_best, alpha, coverage_penalty, shortlist)
         if self._bfloat16_model is None:
             ids, lengths, scores, alignments = self._decode(self.model, *args)
         else:
@@ -320,12 +323,33 @@ class Translator:
         }
 
     def _decode(
-        self, model, source_ids, source_lengths, beam_size, n_best, alpha, beta, vocabulary=None
+        self, model, source_ids, source_lengths, beam_size, n_best, alpha, beta, shortlist=None
     ):
         """Encoder and search with `model`: `(ids, lengths, scores, alignments)`, each
-        `(batch, n_best, ...)`; greedy search when `beam_size` is 1. With `vocabulary` (sorted
-        target ids starting with the specials) the search runs over those ids only."""
+        `(batch, n_best, ...)`; greedy search when `beam_size` is 1. With `shortlist`, the
+        `(vocabulary, mask)` of `Shortlist.select`, the search runs over the `vocabulary` ids
+        only, each sentence over its own shortlist (the others' pieces masked)."""
         constants, state = model.encode(source_ids)
+        vocabulary = mask = None
+        if shortlist is not None:
+            vocabulary, mask = shortlist
+            # The mask travels with the constants: one row per sentence, gathered with them
+            # when finished sentences leave the batch.
+            constants = (constants, mask)
+
+        def step_function(**kwargs):
+            step_fn = model.step_function(self.projection_dtype, vocabulary=vocabulary, **kwargs)
+            if mask is None:
+                return step_fn
+
+            def masked_step_fn(ids, state, constants):
+                constants, mask = constants
+                logits, state, attention = step_fn(ids, state, constants)
+                beams = tf.shape(logits)[0] // tf.shape(mask)[0]  # rows per constants row
+                return logits + tf.repeat(mask, beams, axis=0), state, attention
+
+            return masked_step_fn
+
         batch = tf.shape(source_ids)[0]
         max_length = (
             tf.cast(
@@ -346,18 +370,14 @@ class Translator:
         def greedy():
             # Beam size 1 is greedy search by definition (and cheaper); its score gets the same
             # length normalization as beam search's so scores compare across beam sizes.
-            r = search.greedy_search(
-                model.step_function(self.projection_dtype, vocabulary=vocabulary), **search_args
-            )
+            r = search.greedy_search(step_function(), **search_args)
             scores = r.log_probs / search.gnmt_length_penalty(r.lengths, alpha[:, tf.newaxis])
             return r.ids, r.lengths, scores, r.alignments
 
         def beam():
             r = search.beam_search(
                 # The beams of a sentence share its encoder memory: read once per step.
-                model.step_function(
-                    self.projection_dtype, shared_constants=True, vocabulary=vocabulary
-                ),
+                step_function(shared_constants=True),
                 tile_constants=False,
                 beam_size=beam_size,
                 n_best=n_best,
@@ -576,7 +596,7 @@ def load(path, **overrides) -> Translator:
     from translator import model as _registers_custom_objects  # noqa: F401 - Seq2Seq & layers
     from translator.config import ConfigError, load_config
     from translator.shortlist import FILENAME as shortlist_file
-    from translator.shortlist import Shortlist, ShortlistError
+    from translator.shortlist import Shortlist
     from translator.tokenizer import SentencePieceTokenizer, sentencepiece_files
 
     path = Path(path)
@@ -628,14 +648,12 @@ def load(path, **overrides) -> Translator:
             raise ValueError(f"{path / 'config.yaml'} is not a valid translator config: {e}") from e
     if (path / shortlist_file).is_file() and "shortlist" not in overrides:
         kwargs["shortlist"] = Shortlist.load(path / shortlist_file)
-        try:
-            kwargs["shortlist"].check(
-                source_tokenizer.proto,
-                target_tokenizer.proto,
-                source_tokenizer.vocabulary_size(),
-                where=str(path / shortlist_file),
-            )
-        except ShortlistError as e:
-            raise ValueError(str(e)) from None
+        kwargs["shortlist"].check(
+            source_tokenizer.proto,
+            target_tokenizer.proto,
+            source_tokenizer.vocabulary_size(),
+            target_tokenizer.vocabulary_size(),
+            where=str(path / shortlist_file),
+        )
     kwargs.update(overrides)
     return Translator(model, source_tokenizer, target_tokenizer, **kwargs)
