@@ -8,6 +8,8 @@ An export directory is what TF Serving watches, plus what Python users load:
       model.keras         the Keras model, with its SentencePiece model(s) inside as assets
       config.yaml         the resolved training config (decoding defaults come from it)
       spm.model           the SentencePiece model (also inside both of the above)
+      shortlist.npz       the vocabulary shortlist built into the versions, when the model has
+                          one (see `translator shortlist`)
 
 Everything in a version's graph is TensorFlow or TF Text: SentencePiece tokenization, the encoder,
 the batched beam search (`tf.while_loop`) and detokenization, so stock `tensorflow_model_server`

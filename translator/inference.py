@@ -343,10 +343,10 @@ class Translator:
                 return step_fn
 
             def masked_step_fn(ids, state, constants):
-                constants, mask = constants
+                constants, sentence_mask = constants  # the live sentences' rows
                 logits, state, attention = step_fn(ids, state, constants)
-                beams = tf.shape(logits)[0] // tf.shape(mask)[0]  # rows per constants row
-                return logits + tf.repeat(mask, beams, axis=0), state, attention
+                beams = tf.shape(logits)[0] // tf.shape(sentence_mask)[0]  # rows per sentence
+                return logits + tf.repeat(sentence_mask, beams, axis=0), state, attention
 
             return masked_step_fn
 
@@ -572,9 +572,9 @@ def load(path, **overrides) -> Translator:
 
     The directory holds `model.keras` and `config.yaml` (decoding defaults, and
     `data.max_length` as `split_length`), and optionally `shortlist.npz` (a vocabulary
-    shortlist, see `translator.shortlist`, used when present). The SentencePiece model(s) come from the `.keras` file
-    when it carries them (every exported model does), else from `spm.model` (or
-    `spm.source.model` and `spm.target.model`) beside it.
+    shortlist, see `translator.shortlist`, used when present). The SentencePiece model(s) come
+    from the `.keras` file when it carries them (every exported model does), else from
+    `spm.model` (or `spm.source.model` and `spm.target.model`) beside it.
 
     Args:
         path: The directory (or a `.keras` file).
