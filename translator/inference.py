@@ -177,7 +177,6 @@ class Translator:
                 target_tokenizer.proto,
                 source_tokenizer.vocabulary_size(),
                 target_tokenizer.vocabulary_size(),
-                where="given to this Translator",
             )
         self.shortlist = shortlist
         self.translate_graph = tf.function(
@@ -345,8 +344,11 @@ class Translator:
             def masked_step_fn(ids, state, constants):
                 constants, sentence_mask = constants  # the live sentences' rows
                 logits, state, attention = step_fn(ids, state, constants)
-                beams = tf.shape(logits)[0] // tf.shape(sentence_mask)[0]  # rows per sentence
-                return logits + tf.repeat(sentence_mask, beams, axis=0), state, attention
+                # A sentence's rows (its beams) are consecutive: broadcast its mask over them.
+                shape = tf.shape(logits)
+                by_sentence = tf.reshape(logits, [tf.shape(sentence_mask)[0], -1, shape[1]])
+                logits = tf.reshape(by_sentence + sentence_mask[:, tf.newaxis], shape)
+                return logits, state, attention
 
             return masked_step_fn
 
@@ -596,7 +598,7 @@ def load(path, **overrides) -> Translator:
     from translator import model as _registers_custom_objects  # noqa: F401 - Seq2Seq & layers
     from translator.config import ConfigError, load_config
     from translator.shortlist import FILENAME as shortlist_file
-    from translator.shortlist import Shortlist
+    from translator.shortlist import Shortlist, ShortlistError
     from translator.tokenizer import SentencePieceTokenizer, sentencepiece_files
 
     path = Path(path)
@@ -648,12 +650,10 @@ def load(path, **overrides) -> Translator:
             raise ValueError(f"{path / 'config.yaml'} is not a valid translator config: {e}") from e
     if (path / shortlist_file).is_file() and "shortlist" not in overrides:
         kwargs["shortlist"] = Shortlist.load(path / shortlist_file)
-        kwargs["shortlist"].check(
-            source_tokenizer.proto,
-            target_tokenizer.proto,
-            source_tokenizer.vocabulary_size(),
-            target_tokenizer.vocabulary_size(),
-            where=str(path / shortlist_file),
-        )
     kwargs.update(overrides)
-    return Translator(model, source_tokenizer, target_tokenizer, **kwargs)
+    try:
+        return Translator(model, source_tokenizer, target_tokenizer, **kwargs)
+    except ShortlistError as e:  # `Translator` checks it against the tokenizers
+        if "shortlist" in overrides:
+            raise
+        raise ShortlistError(f"{path / shortlist_file}: {e}") from None

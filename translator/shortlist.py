@@ -118,15 +118,16 @@ class Shortlist:
             )
         return shortlist
 
-    def check(self, source_proto: bytes, target_proto: bytes, source_vocab: int, target_vocab: int,
-              where="") -> None:  # fmt: skip
+    def check(
+        self, source_proto: bytes, target_proto: bytes, source_vocab: int, target_vocab: int
+    ) -> None:
         """Raises `ShortlistError` unless this shortlist was built for these tokenizers (and its
         ids are within the target vocabulary)."""
         rebuild = f"rebuild it with `translator shortlist --model <model directory>`, {_WORKAROUND}"
         expected = (proto_digest(source_proto), proto_digest(target_proto))
         if self.digests != expected:
             raise ShortlistError(
-                f"the shortlist {where} was built for other SentencePiece models (fingerprints "
+                "the shortlist was built for other SentencePiece models (fingerprints "
                 f"{self.digests}, this model's {expected}): {rebuild}"
             )
         ids = np.concatenate([self.table.ravel(), self.frequent])
@@ -136,7 +137,7 @@ class Shortlist:
             or (ids.size and (ids.min() < 0 or ids.max() >= target_vocab))
         ):
             raise ShortlistError(
-                f"the shortlist {where} does not fit this model: {self.table.shape[0]} source and "
+                f"the shortlist does not fit this model: {self.table.shape[0]} source and "
                 f"{self.target_vocab} target pieces with ids up to {ids.max() if ids.size else 0}, "
                 f"the model has {source_vocab} and {target_vocab}: {rebuild}"
             )
