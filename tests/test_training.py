@@ -236,7 +236,10 @@ def test_a_second_run_in_the_same_run_dir_is_refused_at_once(corpus, tmp_path):
         assert first.poll() is None  # the first run goes on, untouched
         assert (run_dir / "config.yaml").read_bytes() == config_before
         for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
-            ckpt.verify_checkpoint(path)
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as e:  # the run goes on, and may prune it as we read
+                assert "was removed while it was being read" in str(e) and not path.exists()
     finally:
         first.kill()  # the process this test started
         first.wait()
@@ -681,3 +684,52 @@ def test_a_crash_while_checkpointing_leaves_no_checkpoint(crash_in, tmp_path, mo
     # The next checkpoint cleans the leftover up.
     ckpt.save_checkpoint(directory, 20, model, optimizer, {"history": []})
     assert sorted(p.name for p in directory.iterdir()) == ["ckpt-00000010", "ckpt-00000020"]
+
+
+def test_pruning_renames_a_checkpoint_away_before_deleting_it(tmp_path, monkeypatch):
+    import shutil
+
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    directory = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(directory, 10, model, optimizer, {"history": []}, keep=1)
+    first = directory / "ckpt-00000010"
+
+    # A reader (`translator average` on a running training) is half-way through verifying the
+    # first checkpoint when the run prunes it, and the deletion dies half-way: the name
+    # `ckpt-00000010` never shows a half-deleted directory, and the reader is told what happened.
+    removed = []
+
+    def half_rmtree(path, ignore_errors=False):
+        assert not Path(path).name.startswith("ckpt-"), "deleted under its checkpoint name"
+        (Path(path) / "model.weights.h5").unlink()
+        removed.append(Path(path))
+        raise Crash("killed while deleting")
+
+    real_sha256 = ckpt._sha256
+    pruning = []
+
+    def pruned_while_read(file):
+        if file == first / "optimizer.npz" and not pruning:
+            pruning.append(file)
+            monkeypatch.setattr(ckpt, "shutil", Module(shutil, rmtree=half_rmtree))
+            with pytest.raises(Crash):
+                ckpt.save_checkpoint(directory, 20, model, optimizer, {"history": []}, keep=1)
+            monkeypatch.setattr(ckpt, "shutil", shutil)
+        return real_sha256(file)
+
+    monkeypatch.setattr(ckpt, "_sha256", pruned_while_read)
+    with pytest.raises(ckpt.CheckpointError, match="was removed while it was being read"):
+        ckpt.verify_checkpoint(first)
+    monkeypatch.undo()
+    assert removed and removed[0].name.startswith(".ckpt-00000010.") and removed[0].is_dir()
+    assert ckpt.list_checkpoints(directory) == [directory / "ckpt-00000020"]
+    ckpt.verify_checkpoint(directory / "ckpt-00000020")
+    # The next save sweeps the leftover; a path that never existed is not "removed".
+    ckpt.save_checkpoint(directory, 30, model, optimizer, {"history": []}, keep=1)
+    assert sorted(p.name for p in directory.iterdir()) == ["ckpt-00000030"]
+    with pytest.raises(ckpt.CheckpointError, match="manifest.json is missing"):
+        ckpt.verify_checkpoint(directory / "ckpt-00000099")

@@ -4,7 +4,8 @@ A checkpoint is a directory `ckpt-<step>/` holding `model.weights.h5`, `optimize
 `state.json` and, written last, `manifest.json` with the SHA-256 of each file. It is written under
 a temporary name and renamed into place (`translator.files.atomic_path`), so a process killed
 mid-write leaves at most a `*.tmp` directory that is ignored (and cleaned up) later, never a
-half-written checkpoint. A
+half-written checkpoint. Pruning renames a checkpoint away before deleting it, so a reader
+(`translator average` on a running training) never finds a half-deleted one under its name. A
 checkpoint whose manifest is missing or whose files do not match it is reported and skipped in
 favour of the previous good one.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -77,10 +80,10 @@ def save_checkpoint(directory, step, model, optimizer, state, keep=2, protect=()
         manifest = {name: _sha256(tmp / name) for name in FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         if final.exists():  # the rename replaces only an empty directory
-            shutil.rmtree(final)
+            _retire(final)
     for old in list_checkpoints(directory)[:-keep]:
         if old.name not in protect and old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old)
     # Left by writers killed mid-write: `.ckpt-<step>.<random>.tmp` (and `ckpt-<step>.tmp`,
     # the name of earlier versions).
     for stale in [*directory.glob(".ckpt-*.tmp"), *directory.glob("ckpt-*.tmp")]:
@@ -88,25 +91,49 @@ def save_checkpoint(directory, step, model, optimizer, state, keep=2, protect=()
     return final
 
 
+def _retire(path: Path) -> None:
+    """Deletes the checkpoint `path`: first renamed out of the `ckpt-<step>` names (one atomic
+    step), then removed, so a reader never finds a half-deleted checkpoint under its name."""
+    trash = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # swept like a stale write
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def verify_checkpoint(path: str | Path) -> dict:
     """Checks a checkpoint against its manifest; returns its state or raises CheckpointError."""
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: manifest.json is missing")
+    existed = path.is_dir()
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({e})") from None
-    for name in FILES:
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if _sha256(file) != manifest.get(name):
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: manifest.json is missing")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({e})") from None
+        for name in FILES:
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+            if _sha256(file) != manifest.get(name):
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: {name} does not match its SHA-256 in "
+                    "manifest.json"
+                )
+        return json.loads((path / "state.json").read_text())
+    except (CheckpointError, FileNotFoundError) as e:
+        # Pruned by the run writing it (see `_retire`) while we read it.
+        if existed and not path.exists():
             raise CheckpointError(
-                f"checkpoint {path} is corrupt: {name} does not match its SHA-256 in manifest.json"
-            )
-    return json.loads((path / "state.json").read_text())
+                f"checkpoint {path} was removed while it was being read (a running training "
+                "prunes its older checkpoints: keep more with training.keep_checkpoints)"
+            ) from None
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} is incomplete: {e.filename} is missing") from e
 
 
 def restore_checkpoint(path, model, optimizer) -> dict:
