@@ -159,7 +159,14 @@ def main():
         action="store_true",
         help="find the rows (sentences x beam) from which bfloat16 decoding beats float32 here",
     )
+    parser.add_argument(
+        "--inter-op-threads",
+        type=int,
+        help="TensorFlow's inter-op thread pool size (default: TensorFlow's, the core count)",
+    )
     args = parser.parse_args()
+    if args.inter_op_threads is not None:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     if not (args.model or args.architecture):
         parser.error("give --model DIR or --architecture CONFIG")
     if args.calibrate:

@@ -179,7 +179,7 @@ def run(url: str, args) -> int:
     rows = {}
     header = (
         f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'req/s':>8} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'texts/call':>10}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'texts/call':>10} {'model ms/call':>13}"
     )
     print(header)
     for level in args.concurrency:
@@ -190,12 +190,16 @@ def run(url: str, args) -> int:
         after = metrics(url)
         calls = after["translator_batch_texts_count"] - before["translator_batch_texts_count"]
         merged = after["translator_batch_texts_sum"] - before["translator_batch_texts_sum"]
+        model_s = (
+            after["translator_model_call_seconds_sum"] - before["translator_model_call_seconds_sum"]
+        )
         rps = len(latencies) / elapsed if elapsed > 0 else 0.0
         rows[level] = (rps, percentile(latencies, 50) * 1000, len(errors))
         print(
             f"{level:>11} {len(latencies) + len(errors):>8} {len(errors):>6} {rps:>8.1f} "
             f"{rows[level][1]:>8.1f} {percentile(latencies, 99) * 1000:>8.1f} "
-            f"{(merged / calls if calls else 0):>10.1f}"
+            f"{(merged / calls if calls else 0):>10.1f} "
+            f"{(model_s / calls * 1000 if calls else 0):>13.1f}"
         )
         for error in errors[:3]:
             print(f"    error: {error}")

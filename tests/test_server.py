@@ -482,6 +482,46 @@ def test_micro_batcher_merges_equal_options_and_gives_each_request_its_rows():
     assert metrics.registry.get_sample_value("translator_batch_requests_sum") == 9
 
 
+def test_micro_batcher_waits_longer_only_after_a_merged_call():
+    calls = []
+
+    async def main():
+        batcher = MicroBatcher(
+            _echo(calls, delay=0.0), max_batch_size=8, max_wait=0.001, max_wait_busy=0.5
+        )
+        batcher.start()
+
+        async def two_apart(first, second):
+            """Two requests 100 ms apart: one call or two?"""
+            job = asyncio.ensure_future(batcher.submit("s", None, [first], {}))
+            await asyncio.sleep(0.1)
+            await asyncio.gather(job, batcher.submit("s", None, [second], {}))
+
+        await batcher.submit("s", None, ["alone"], {})
+        await two_apart("a", "b")  # a lone client: each request its own call, no waiting
+        await asyncio.gather(*(batcher.submit("s", None, [t], {}) for t in ("c", "d")))
+        await two_apart("e", "f")  # after a merged call: waits, and makes one call of both
+        started = time.perf_counter()
+        await batcher.submit("s", None, ["g"], {})  # under load still: up to max_wait_busy
+        waited = time.perf_counter() - started
+        started = time.perf_counter()
+        await batcher.submit("s", None, ["h"], {})  # g was alone: the short wait again
+        await batcher.stop()
+        return waited, time.perf_counter() - started
+
+    waited_busy, waited_alone = asyncio.run(main())
+    assert [texts for _, texts, _ in calls] == [
+        ("alone",),
+        ("a",),
+        ("b",),
+        ("c", "d"),
+        ("e", "f"),
+        ("g",),
+        ("h",),
+    ]
+    assert waited_busy >= 0.45 and waited_alone < 0.25
+
+
 def test_micro_batcher_merges_requests_that_differ_only_in_per_row_inputs():
     calls = []
 

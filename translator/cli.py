@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", metavar="URL", help="forward to TF Serving, e.g. http://host:8501")
     for option, kind, text in (
         ("max_batch_size", int, "texts per model call"),
-        ("max_wait_ms", float, "wait to fill a batch (ms)"),
+        ("max_wait_ms", float, "wait to fill a batch after a call of one request (ms)"),
+        ("max_wait_busy_ms", float, "wait to fill a batch after a merged call (ms)"),
         ("max_queue", int, "waiting requests before 503s"),
         ("max_text_chars", int, "characters per text"),
         ("max_texts", int, "texts per request"),

@@ -174,6 +174,7 @@ def create_app(backend: Backend | None = None, settings: ServerSettings | None =
         backend.predict,
         max_batch_size=settings.max_batch_size,
         max_wait=settings.max_wait_ms / 1000.0,
+        max_wait_busy=settings.max_wait_busy_ms / 1000.0,
         max_queue=settings.max_queue,
         metrics=metrics,
         max_batch_cost=settings.max_batch_cost,

@@ -81,8 +81,15 @@ class MicroBatcher:
     chunk, not for all of them. One worker task takes the oldest waiting chunk, adds waiting
     chunks with the same key (signature, version, scalar inputs; inputs the model takes per row,
     such as a length penalty per text, may differ) while the call stays within both limits,
-    waits up to `max_wait` seconds for more when the queue runs dry, and runs the blocking
-    model call on a single thread. Each request gets back its own rows, in order.
+    waits for more when the queue runs dry, and runs the blocking model call on a single
+    thread. Each request gets back its own rows, in order.
+
+    **The wait adapts to the load.** After a call that served one request (a lone client), the
+    next call waits at most `max_wait` for company, so a single client pays almost nothing.
+    After a call that merged several requests (concurrent clients, whose next requests are on
+    their way), it waits up to `max_wait_busy` or until the call is full: the clients just
+    answered come back within a few milliseconds, and one call for all of them costs far less
+    than one call each (TF Serving's `batch_timeout_micros`, applied only under load).
 
     **The express lane.** While a heavy call runs (one costing more than `express_cost`), a
     second thread runs calls of the cheap chunks waiting (each at most `express_cost`, merged
@@ -99,7 +106,9 @@ class MicroBatcher:
         run: The blocking model call, `run(signature, version, texts, scalars) -> outputs`,
             every output an array with one row per text (or a scalar).
         max_batch_size: Texts per call.
-        max_wait: Seconds to wait for more requests when the queue runs dry.
+        max_wait: Seconds to wait for more requests when the queue runs dry, after a call of
+            one request.
+        max_wait_busy: The same after a call that merged several requests (None: `max_wait`).
         max_queue: Requests waiting before `submit` refuses with a 503.
         metrics: Where batch sizes, model-call durations, errors and the queue depth go.
         max_batch_cost: Cost per call (None: no limit); a text costing more runs alone.
@@ -116,11 +125,14 @@ class MicroBatcher:
         metrics: Metrics | None = None,
         max_batch_cost: int | None = None,
         express_cost: int | None = None,
+        max_wait_busy: float | None = None,
     ):
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_batch_cost = max_batch_cost
         self.max_wait = max_wait
+        self.max_wait_busy = max_wait if max_wait_busy is None else max(max_wait, max_wait_busy)
+        self._busy = False  # the last main-lane call merged several requests
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.express_cost = express_cost or None
@@ -322,7 +334,7 @@ class MicroBatcher:
             batch = [first]
             rows = self.max_batch_size - len(first.texts)
             cost = None if self.max_batch_cost is None else self.max_batch_cost - first.cost
-            wait_until = loop.time() + self.max_wait
+            wait_until = loop.time() + (self.max_wait_busy if self._busy else self.max_wait)
             while rows > 0 and (cost is None or cost > 0):
                 more = self._take(first.key, rows, cost, loop.time())
                 batch += more
@@ -339,6 +351,7 @@ class MicroBatcher:
                     except TimeoutError:
                         pass
             batch = [item for item in batch if item.live]  # its caller may have left meanwhile
+            self._busy = len({id(item.request) for item in batch}) > 1
             if batch:
                 self._running = batch
                 if self.express_cost is not None:
