@@ -491,35 +491,44 @@ def test_micro_batcher_waits_longer_only_after_a_merged_call():
         )
         batcher.start()
 
+        def submit(text, options=None):
+            return batcher.submit("s", None, [text], options or {})
+
         async def two_apart(first, second):
             """Two requests 100 ms apart: one call or two?"""
-            job = asyncio.ensure_future(batcher.submit("s", None, [first], {}))
+            job = asyncio.ensure_future(submit(first))
             await asyncio.sleep(0.1)
-            await asyncio.gather(job, batcher.submit("s", None, [second], {}))
+            await asyncio.gather(job, submit(second))
 
-        await batcher.submit("s", None, ["alone"], {})
+        async def timed(*jobs):
+            started = time.perf_counter()
+            await asyncio.gather(*jobs)
+            return time.perf_counter() - started
+
+        waited = {}
+        await submit("alone")
         await two_apart("a", "b")  # a lone client: each request its own call, no waiting
-        await asyncio.gather(*(batcher.submit("s", None, [t], {}) for t in ("c", "d")))
+        await asyncio.gather(submit("c"), submit("d"))
         await two_apart("e", "f")  # after a merged call: waits, and makes one call of both
-        started = time.perf_counter()
-        await batcher.submit("s", None, ["g"], {})  # under load still: up to max_wait_busy
-        waited = time.perf_counter() - started
-        started = time.perf_counter()
-        await batcher.submit("s", None, ["h"], {})  # g was alone: the short wait again
+        # Both clients back: no waiting. Other options waiting: no waiting either.
+        waited["both back"] = await timed(submit("i"), submit("j"))
+        waited["other options"] = await timed(submit("x", {"k": 2}), submit("y"))
+        await asyncio.gather(submit("k"), submit("l"))
+        await asyncio.sleep(0.6)  # the load went away: a later request pays the short wait
+        waited["later"] = await timed(submit("g"))
+        await asyncio.gather(submit("m"), submit("n"))
+        waited["right after"] = await timed(submit("o"))  # waits for company, in vain
+        waited["after a lone call"] = await timed(submit("h"))
         await batcher.stop()
-        return waited, time.perf_counter() - started
+        return waited
 
-    waited_busy, waited_alone = asyncio.run(main())
+    waited = asyncio.run(main())
     assert [texts for _, texts, _ in calls] == [
-        ("alone",),
-        ("a",),
-        ("b",),
-        ("c", "d"),
-        ("e", "f"),
-        ("g",),
-        ("h",),
+        *[("alone",), ("a",), ("b",), ("c", "d"), ("e", "f"), ("i", "j"), ("x",), ("y",)],
+        *[("k", "l"), ("g",), ("m", "n"), ("o",), ("h",)],
     ]
-    assert waited_busy >= 0.45 and waited_alone < 0.25
+    assert waited.pop("right after") >= 0.4
+    assert all(seconds < 0.25 for seconds in waited.values()), waited
 
 
 def test_micro_batcher_merges_requests_that_differ_only_in_per_row_inputs():

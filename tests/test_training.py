@@ -238,8 +238,8 @@ def test_a_second_run_in_the_same_run_dir_is_refused_at_once(corpus, tmp_path):
         for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
             try:
                 ckpt.verify_checkpoint(path)
-            except ckpt.CheckpointError as e:  # the run goes on, and may prune it as we read
-                assert "was removed while it was being read" in str(e) and not path.exists()
+            except ckpt.CheckpointError:  # the run goes on, and may prune it before or as we read
+                assert not path.exists()
     finally:
         first.kill()  # the process this test started
         first.wait()

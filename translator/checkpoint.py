@@ -83,7 +83,10 @@ def save_checkpoint(directory, step, model, optimizer, state, keep=2, protect=()
             _retire(final)
     for old in list_checkpoints(directory)[:-keep]:
         if old.name not in protect and old != final:
-            _retire(old)
+            try:
+                _retire(old)
+            except OSError as e:  # a checkpoint left behind must not stop the training
+                log.warning("could not prune %s: %s", old, e)
     # Left by writers killed mid-write: `.ckpt-<step>.<random>.tmp` (and `ckpt-<step>.tmp`,
     # the name of earlier versions).
     for stale in [*directory.glob(".ckpt-*.tmp"), *directory.glob("ckpt-*.tmp")]:
@@ -124,7 +127,7 @@ def verify_checkpoint(path: str | Path) -> dict:
                     "manifest.json"
                 )
         return json.loads((path / "state.json").read_text())
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, OSError) as e:
         # Pruned by the run writing it (see `_retire`) while we read it.
         if existed and not path.exists():
             raise CheckpointError(
@@ -133,7 +136,7 @@ def verify_checkpoint(path: str | Path) -> dict:
             ) from None
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"checkpoint {path} is incomplete: {e.filename} is missing") from e
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
 
 
 def restore_checkpoint(path, model, optimizer) -> dict:

@@ -588,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     for option, kind, text in (
         ("max_batch_size", int, "texts per model call"),
         ("max_wait_ms", float, "wait to fill a batch after a call of one request (ms)"),
-        ("max_wait_busy_ms", float, "wait to fill a batch after a merged call (ms)"),
+        ("max_wait_busy_ms", float, "wait to fill a batch after a merged call (ms, >= max-wait)"),
         ("max_queue", int, "waiting requests before 503s"),
         ("max_text_chars", int, "characters per text"),
         ("max_texts", int, "texts per request"),

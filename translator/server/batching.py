@@ -87,9 +87,11 @@ class MicroBatcher:
     **The wait adapts to the load.** After a call that served one request (a lone client), the
     next call waits at most `max_wait` for company, so a single client pays almost nothing.
     After a call that merged several requests (concurrent clients, whose next requests are on
-    their way), it waits up to `max_wait_busy` or until the call is full: the clients just
-    answered come back within a few milliseconds, and one call for all of them costs far less
-    than one call each (TF Serving's `batch_timeout_micros`, applied only under load).
+    their way), it waits until it has as many requests as that call merged, the call is full,
+    a waiting request cannot join it (other decoding options), or `max_wait_busy` after that
+    call ended: the clients just answered come back within a few milliseconds, and one call for
+    all of them costs far less than one call each (TF Serving's `batch_timeout_micros`, applied
+    only under load). A request arriving later than that pays `max_wait` again.
 
     **The express lane.** While a heavy call runs (one costing more than `express_cost`), a
     second thread runs calls of the cheap chunks waiting (each at most `express_cost`, merged
@@ -132,7 +134,8 @@ class MicroBatcher:
         self.max_batch_cost = max_batch_cost
         self.max_wait = max_wait
         self.max_wait_busy = max_wait if max_wait_busy is None else max(max_wait, max_wait_busy)
-        self._busy = False  # the last main-lane call merged several requests
+        self._merged = 1  # requests the last main-lane call merged
+        self._ended = 0.0  # when it ended (loop time)
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.express_cost = express_cost or None
@@ -334,7 +337,10 @@ class MicroBatcher:
             batch = [first]
             rows = self.max_batch_size - len(first.texts)
             cost = None if self.max_batch_cost is None else self.max_batch_cost - first.cost
-            wait_until = loop.time() + (self.max_wait_busy if self._busy else self.max_wait)
+            now = loop.time()
+            busy = self._merged > 1 and now < self._ended + self.max_wait_busy
+            wait_until = max(now + self.max_wait, self._ended + self.max_wait_busy if busy else 0)
+            expected = self._merged if busy else 0  # the requests worth waiting for
             while rows > 0 and (cost is None or cost > 0):
                 more = self._take(first.key, rows, cost, loop.time())
                 batch += more
@@ -344,6 +350,10 @@ class MicroBatcher:
                 timeout = wait_until - loop.time()
                 if rows <= 0 or timeout <= 0 or (cost is not None and cost <= 0):
                     break
+                # Under load, stop once the clients just answered are back, or while other
+                # work (it cannot join this call) waits for the model.
+                if expected and (len({id(i.request) for i in batch}) >= expected or self._items):
+                    break
                 if not more:
                     self._event.clear()
                     try:
@@ -351,7 +361,8 @@ class MicroBatcher:
                     except TimeoutError:
                         pass
             batch = [item for item in batch if item.live]  # its caller may have left meanwhile
-            self._busy = len({id(item.request) for item in batch}) > 1
+            self._merged = len({id(item.request) for item in batch})
+            self._ended = loop.time()
             if batch:
                 self._running = batch
                 if self.express_cost is not None:
@@ -362,6 +373,7 @@ class MicroBatcher:
                 finally:
                     self._running = []
                     self._heavy = False
+                    self._ended = loop.time()
 
     def _take_cheap(self, now: float) -> _Item | None:
         """The oldest queued chunk costing at most `express_cost` still worth running."""
