@@ -40,8 +40,8 @@ class ServerSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Texts per model call.")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Wait for more requests (ms).")
     # After a call that merged several requests, their clients' next requests are on their way:
-    # waiting for them makes one call where there would be several (4.8x the concurrency-1
-    # throughput at concurrency 32 with 20 ms, 4.0x with 2 ms; see the README's REST table).
+    # waiting for them makes one call where there would be several (4.7x the concurrency-1
+    # throughput at concurrency 32 with 20 ms, 3.8x with 2 ms; see the README's REST table).
     # Never shorter than max_wait_ms.
     max_wait_busy_ms: float = Field(
         20.0, ge=0, le=1000, description="Wait for more requests under load (ms)."
