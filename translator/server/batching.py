@@ -352,7 +352,7 @@ class MicroBatcher:
                     break
                 # Under load, stop once the clients just answered are back, or while other
                 # work (it cannot join this call) waits for the model.
-                if expected and (len({id(i.request) for i in batch}) >= expected or self._items):
+                if expected and (len(batch) >= expected or self._items):
                     break
                 if not more:
                     self._event.clear()
@@ -361,8 +361,8 @@ class MicroBatcher:
                     except TimeoutError:
                         pass
             batch = [item for item in batch if item.live]  # its caller may have left meanwhile
-            self._merged = len({id(item.request) for item in batch})
-            self._ended = loop.time()
+            # A request has at most one chunk queued (see above): one item per request.
+            self._merged = len(batch)
             if batch:
                 self._running = batch
                 if self.express_cost is not None:
@@ -373,7 +373,7 @@ class MicroBatcher:
                 finally:
                     self._running = []
                     self._heavy = False
-                    self._ended = loop.time()
+            self._ended = loop.time()
 
     def _take_cheap(self, now: float) -> _Item | None:
         """The oldest queued chunk costing at most `express_cost` still worth running."""
