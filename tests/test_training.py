@@ -167,6 +167,31 @@ def test_average_checkpoints_is_the_mean_of_their_weights(uninterrupted, tmp_pat
     assert not (run_dir / "averaged-99").exists()
 
 
+def test_average_names_a_checkpoint_pruned_after_its_verification(
+    uninterrupted, tmp_path, monkeypatch
+):
+    import shutil
+
+    from translator.training import average_checkpoints
+
+    run_dir, _ = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    newest = ckpt.list_checkpoints(copy / "checkpoints")[-1]
+    verify = ckpt.verify_checkpoint
+
+    def verify_then_prune(path):  # a running training prunes it once it has been verified
+        state = verify(path)
+        if path == newest:
+            shutil.rmtree(path)
+        return state
+
+    monkeypatch.setattr(ckpt, "verify_checkpoint", verify_then_prune)
+    with pytest.raises(ckpt.CheckpointError, match=f"{newest.name} was removed while it was"):
+        average_checkpoints(copy, 2, tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()  # nothing half-written
+
+
 def test_time_limit_stops_at_the_step_not_at_the_next_checkpoint(corpus, tmp_path):
     from translator.training import train
 

@@ -41,6 +41,8 @@ def average_checkpoints(run_dir, last: int, out_dir=None) -> Path:
     Raises:
         ValueError: `last` < 1, or the run has fewer good checkpoints than `last`.
         FileNotFoundError: `run_dir` is not a finished training run.
+        translator.checkpoint.CheckpointError: a chosen checkpoint vanished (pruned by a training
+            still running there) or its weights cannot be read; nothing is written then.
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / f"averaged-{last}"
@@ -96,11 +98,22 @@ def _mean_weights(model, paths: list[Path]) -> list[np.ndarray]:
     """The mean (in float64, cast back) of the weights of `model` loaded from each of `paths`.
 
     `model` is left holding the weights of the last path; non-float variables (none today) keep
-    that value.
+    that value. Averaging takes no lock on the run directory, so a training still running there
+    may prune a checkpoint between its verification and this read: that is a `CheckpointError`
+    naming it, not a raw Keras error.
     """
     sums = None
     for path in paths:
-        model.load_weights(path / "model.weights.h5")
+        try:
+            model.load_weights(path / "model.weights.h5")
+        except (OSError, ValueError, KeyError) as e:
+            if not path.is_dir():
+                raise ckpt.CheckpointError(
+                    f"{path} was removed while it was being averaged: a training still running "
+                    "in this run directory prunes its old checkpoints (average when it has "
+                    "ended, or keep more with training.keep_checkpoints)"
+                ) from e
+            raise ckpt.CheckpointError(f"{path}: its weights cannot be loaded ({e})") from e
         weights = [np.asarray(w, np.float64) for w in model.get_weights()]
         sums = weights if sums is None else [s + w for s, w in zip(sums, weights, strict=True)]
     last_weights = model.get_weights()
