@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/train.py --config configs/multi30k_lstm.yaml
 	$(PY) bench/decode.py --model saved_models/en-fr
 	$(PY) bench/load.py --model saved_models/en-fr
+	$(PY) bench/roofline.py --model saved_models/en-fr
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
