@@ -34,6 +34,21 @@ def test_translate_reads_stdin_in_order_and_keeps_empty_lines(tiny_export_dir):
         assert got == (expected[line].text if line.strip() else "")
 
 
+def test_translate_stdin_that_is_not_utf8_names_the_line_after_translating_the_rest(
+    tiny_export_dir,
+):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "translator.cli", "translate", "--model", str(tiny_export_dir)],
+        input="one red cat\r\nbig house\nd\u00e9j\u00e0 vu\nlast\n".encode("latin-1"),
+        capture_output=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.decode()
+    assert "standard input, line 3, is not UTF-8" in err and "iconv" in err, err
+    assert len(proc.stdout.decode().split("\n")) == 3  # lines 1 and 2 (\r\n ends a line too)
+
+
 def test_translate_arguments_with_n_best_and_scores(tiny_export_dir):
     proc = cli(
         "translate", "--model", str(tiny_export_dir), "--beam-size", "3", "--n-best", "2",
@@ -54,6 +69,17 @@ def test_translate_rejects_bad_options_with_a_clear_error(tiny_export_dir, tmp_p
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = cli("translate", "--model", str(tiny_export_dir), "--early-stopping", "never", "hi")
     assert proc.returncode == 2 and "invalid choice: 'never'" in proc.stderr
+
+
+def test_decoding_options_out_of_range_are_refused(tiny_export_dir):
+    from translator.inference import load
+
+    translator = load(tiny_export_dir)
+    for name, value in (("length_penalty", float("nan")), ("length_penalty", -1.0),
+                        ("coverage_penalty", 6.0)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} must be between 0 and 5, got {value}"):
+            translator.translate(["one red cat"], **{name: value})
+    assert translator.translate(["one red cat"], length_penalty=5.0)[0].text
 
 
 BF16 = 2.0**-8  # bfloat16's unit roundoff: the relative change of a rounding

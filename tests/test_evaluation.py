@@ -139,6 +139,17 @@ def test_load_test_set_from_files_and_its_errors(tmp_path):
         load_test_set(source=str(tmp_path / "nope.en"), references=[first])
     with pytest.raises(ValueError, match="--reference"):
         load_test_set(source=source, references=[])
+    empty = write_lines(tmp_path / "empty.en", [])
+    with pytest.raises(ValueError, match=f"{re.escape(empty)} is empty"):
+        load_test_set(source=empty, references=[write_lines(tmp_path / "empty.fr", [])])
+    fake = tmp_path / "fake.en.gz"
+    fake.write_text("not gzip\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(fake))} is not a complete gzip file"):
+        load_test_set(source=str(fake), references=[first])
+    with pytest.raises(ValueError, match="not both"):
+        load_test_set(corpus="multi30k", source=source, references=[first])
+    with pytest.raises(ValueError, match="--reference goes with --source"):
+        load_test_set(corpus="multi30k", references=[first])
 
 
 def test_write_hypotheses_one_per_line(tmp_path):
@@ -359,6 +370,7 @@ def test_scorecard_scores_every_set_at_every_beam_as_evaluate_does(tmp_path, mon
         (["--sets", "tatoeba:test"], "tatoeba"),  # no Tatoeba file in this data dir
         (["--beam-sizes", "1,x"], "give integers"),
         (["--beam-sizes", "0"], "at least 1"),
+        (["--sets", ""], "write corpus:split"),  # not the default sets
     ):
         table.calls.clear()
         assert main(["scorecard", "--model", "m", "--data-dir", str(tmp_path), *bad]) == 2

@@ -347,6 +347,11 @@ def test_clear_errors_for_missing_corrupt_and_foreign_models(tiny_export_dir, tm
     (broken / "model.keras").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot load .*broken/model\.keras"):
         load(broken)
+    from translator.export import export
+
+    with pytest.raises(ValueError, match=r"cannot load .*broken/model\.keras"):
+        export(broken, tmp_path / "new" / "en-fr")
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "en-fr").exists()
     with pytest.raises(ExportError, match="no saved_model.pb and no version"):
         load_saved_model(tmp_path)
     foreign = tmp_path / "foreign"

@@ -166,6 +166,13 @@ def test_average_checkpoints_is_the_mean_of_their_weights(uninterrupted, tmp_pat
     assert proc.returncode == 2 and "fewer than --last 99" in output, output
     assert not (run_dir / "averaged-99").exists()
 
+    # Never over a model: not the run's own model.keras, not another model directory's.
+    before = (run_dir / "model.keras").read_bytes()
+    for target in (run_dir, out):
+        with pytest.raises(FileExistsError, match=f"--out {target} already holds a model.keras"):
+            average_checkpoints(run_dir, 1, target)
+    assert (run_dir / "model.keras").read_bytes() == before
+
 
 def test_average_names_a_checkpoint_pruned_after_its_verification(
     uninterrupted, tmp_path, monkeypatch
@@ -434,6 +441,14 @@ def test_plot_training_draws_the_run_history(uninterrupted, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plot_training([], tmp_path / "empty.png")
     assert not (tmp_path / "empty.png").exists()
+    with pytest.raises(ValueError, match=r"curve: end the file name with one of \.png, \.svg"):
+        plot_training(history, tmp_path / "curve")  # no extension: no format
+    assert not (tmp_path / "curve").exists()
+    state = tmp_path / "nohistory" / "checkpoints" / "ckpt-00000010" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"step": 10}')
+    with pytest.raises(ValueError, match=f"{state} holds no training history"):
+        training_history(tmp_path / "nohistory")
 
     proc = run_cli(["plot-training", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x.png")])
     out, _ = proc.communicate(timeout=300)

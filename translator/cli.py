@@ -112,7 +112,8 @@ def cmd_scorecard(args) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     # Every test set first: a missing corpus fails before the model loads and anything runs.
     test_sets = []
-    for corpus, split in parse_test_sets(args.sets or ",".join(SCORECARD_SETS)):
+    sets = ",".join(SCORECARD_SETS) if args.sets is None else args.sets
+    for corpus, split in parse_test_sets(sets):
         sources, references, label = load_test_set(corpus, split, args.data_dir)
         if args.limit is not None:
             sources, references = sources[: args.limit], references[: args.limit]
@@ -348,14 +349,39 @@ def cmd_translate(args) -> int:
     # Standard input: batches of lines, streamed in order; empty lines stay empty lines, and
     # each line is one text (cut into sentences, rejoined on one line).
     batch = []
-    for line in sys.stdin:
-        batch.append(line.rstrip("\n"))
+    for number, line in enumerate(_stdin_lines(), 1):
+        if isinstance(line, UnicodeDecodeError):
+            if batch:  # the lines before it are translated: nothing read is lost
+                _translate_lines(translator, batch, args, kwargs)
+            raise ValueError(
+                f"standard input, line {number}, is not UTF-8 ({line.reason} at byte "
+                f"{line.start}); the lines before it are translated above. Convert the input "
+                "first, e.g. `iconv -f latin1 -t utf-8`"
+            )
+        batch.append(line)
         if len(batch) >= translator.batch_size:
             _translate_lines(translator, batch, args, kwargs)
             batch = []
     if batch:
         _translate_lines(translator, batch, args, kwargs)
     return 0
+
+
+def _stdin_lines():
+    """Standard input's lines without their line ending (a `\\n` or `\\r\\n`), decoded as UTF-8;
+    a line that is not UTF-8 comes as its `UnicodeDecodeError`, and ends the lines."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in place of stdin (tests, embedding)
+        yield from (line.rstrip("\n") for line in sys.stdin)
+        return
+    for raw in stream:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield e
+            return
+        line = line[:-1] if line.endswith("\n") else line
+        yield line[:-1] if line.endswith("\r") else line
 
 
 def cmd_serve(args) -> int:

@@ -20,6 +20,9 @@ def _read_lines(path: str) -> list[str]:
         raise FileNotFoundError(f"file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path} is not a complete gzip file ({e}): give it uncompressed, "
+                         "or without the .gz ending if it is plain text") from None  # fmt: skip
 
 
 def load_test_set(corpus=None, split="test", data_dir=None, source=None, references=None):
@@ -37,7 +40,11 @@ def load_test_set(corpus=None, split="test", data_dir=None, source=None, referen
     if source:
         if not references:
             raise ValueError("--source needs at least one --reference file")
+        if corpus:
+            raise ValueError(f"give --corpus ({corpus}) or --source ({source}), not both")
         sources = _read_lines(source)
+        if not sources:
+            raise ValueError(f"{source} is empty: a test set needs at least one line")
         streams = [_read_lines(r) for r in references]
         for path, stream in zip(references, streams, strict=True):
             if len(stream) != len(sources):
@@ -47,6 +54,8 @@ def load_test_set(corpus=None, split="test", data_dir=None, source=None, referen
                 )
         grouped = [list(refs) for refs in zip(*streams, strict=True)]
         return sources, grouped, Path(source).name
+    if references:
+        raise ValueError("--reference goes with --source (the source file it is aligned with)")
     if not corpus:
         raise ValueError("give --corpus (and --split), or --source with --reference files")
     from translator import corpora

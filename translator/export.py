@@ -20,6 +20,7 @@ of unknown rank), so requests with different penalties can share a call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -274,7 +275,7 @@ def export(
     Returns:
         The SavedModel version directory.
     """
-    from translator.inference import COMPUTE_DTYPES, load, resolve_compute_dtype
+    from translator.inference import COMPUTE_DTYPES
 
     model_path, out_dir = Path(model_path), Path(out_dir)
     if weights_dtype not in WEIGHT_DTYPES:
@@ -290,12 +291,40 @@ def export(
         )
     if bfloat16_rows is not None and int(bfloat16_rows) < 1:
         raise ExportError(f"bfloat16_rows must be at least 1, got {bfloat16_rows}")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-")
         probe.close()
     except OSError as e:
         raise ExportError(f"cannot write to {out_dir}: {e}") from e
+    with _removed_if_left_empty(out_dir if created else None):
+        return _export_into(
+            out_dir, model_path, version, weights_dtype, projection_dtype, compute_dtype,
+            bfloat16_rows, shortlist,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(path: Path | None):
+    """Removes the directory `path` (one this export created) if the export fails with nothing
+    written into it: a failed export leaves no empty folder behind."""
+    try:
+        yield
+    except BaseException:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # fails, and keeps it, if anything is in it
+        raise
+
+
+def _export_into(
+    out_dir, model_path, version, weights_dtype, projection_dtype, compute_dtype, bfloat16_rows,
+    shortlist,
+) -> Path:  # fmt: skip
+    """`export` once its arguments are checked and `out_dir` is known to be writable."""
+    from translator.inference import load, resolve_compute_dtype
+
     # Refuse an existing version before any work (and again when publishing, under the lock).
     requested = None if version is None else int(version)
     _check_new_version(out_dir, next_version(out_dir) if requested is None else requested)

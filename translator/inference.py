@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from translator import search, segmentation
-from translator.config import DecodingConfig, decoding_options, field_choices
+from translator.config import DecodingConfig, decoding_options, field_bounds, field_choices
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, add_specials
 
 
@@ -451,6 +451,10 @@ class Translator:
             raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
         alpha = self.length_penalty if length_penalty is None else float(length_penalty)
         beta = self.coverage_penalty if coverage_penalty is None else float(coverage_penalty)
+        for name, value in (("length_penalty", alpha), ("coverage_penalty", beta)):
+            low, high = field_bounds(DecodingConfig, name)
+            if not low <= value <= high:  # NaN included: it would rank every hypothesis alike
+                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
         max_tokens = self.max_source_length - 1
         if segment and self.split_length is not None:
             max_tokens = min(max_tokens, self.split_length)
@@ -621,8 +625,10 @@ def load(path, **overrides) -> Translator:
         model = keras.saving.load_model(model_file)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(
-            f"cannot load {model_file}: {type(e).__name__}: {e}. Is it a complete `.keras` file "
-            "written by this version of translator (re-export it with `translator export`)?"
+            f"cannot load {model_file}: {type(e).__name__}: {e}. The file is there but is not a "
+            "`.keras` model this version of translator can read: is it complete (a copy or "
+            "download cut short)? Copy it again, or export it again from its training run "
+            "directory with `translator export`"
         ) from e
     source_tokenizer = getattr(model, "source_tokenizer", None)
     target_tokenizer = getattr(model, "target_tokenizer", None)

@@ -80,7 +80,17 @@ def training_history(run_dir) -> list[dict]:
         raise FileNotFoundError(
             f"{run_dir} has no checkpoints/ckpt-*: is it a training run directory?"
         )
-    return json.loads((paths[-1] / "state.json").read_text())["history"]
+    state = paths[-1] / "state.json"
+    try:
+        history = json.loads(state.read_text())["history"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{state} holds no training history ({type(e).__name__}: {e}): is the checkpoint "
+            "complete, and written by translator?"
+        ) from None
+    if not isinstance(history, list):
+        raise ValueError(f"{state}: its history is not a list of records")
+    return history
 
 
 def plot_training(history, path, title=None, step_offset=0, baseline=None, dpi=120):
@@ -146,6 +156,15 @@ def _save_figure(fig, path, dpi) -> None:
     """Saves and closes `fig`; the file appears whole or not at all."""
     import matplotlib.pyplot as plt
 
+    formats = fig.canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        plt.close(fig)
+        raise ValueError(
+            f"cannot tell the image format of {path}: end the file name with one of "
+            + ", ".join(f".{f}" for f in ("png", "svg", "pdf") if f in formats)
+            + " (or another matplotlib format)"
+        )
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi)

@@ -39,8 +39,10 @@ def average_checkpoints(run_dir, last: int, out_dir=None) -> Path:
         The output directory.
 
     Raises:
-        ValueError: `last` < 1, or the run has fewer good checkpoints than `last`.
+        ValueError: `last` < 1, the run has fewer good checkpoints than `last`, or its
+            model.keras cannot be loaded.
         FileNotFoundError: `run_dir` is not a finished training run.
+        FileExistsError: `out_dir` is the run directory or holds a model.keras already.
         translator.checkpoint.CheckpointError: a chosen checkpoint vanished (pruned by a training
             still running there) or its weights cannot be read; nothing is written then.
     """
@@ -53,8 +55,24 @@ def average_checkpoints(run_dir, last: int, out_dir=None) -> Path:
             f"{run_dir} is not a finished training run: it needs model.keras and checkpoints/ "
             "(see `translator train`)"
         )
+    if out_dir.resolve() == run_dir.resolve() or (out_dir / "model.keras").exists():
+        raise FileExistsError(
+            f"--out {out_dir} already holds a model.keras"
+            + (
+                " (it is the run directory itself)"
+                if out_dir.resolve() == run_dir.resolve()
+                else ""
+            )
+            + ": averaging never replaces a model; choose a new directory, or remove it first"
+        )
     good = _newest_good_checkpoints(run_dir, last)
-    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    try:
+        model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(
+            f"cannot load {run_dir / 'model.keras'} ({type(e).__name__}: {e}): averaging needs "
+            "it for the architecture: is it complete (not a copy cut short)?"
+        ) from e
     model.set_weights(_mean_weights(model, [path for path, _ in good]))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, out_dir / "model.keras")
