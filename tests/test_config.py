@@ -73,6 +73,9 @@ def test_bad_files_and_overrides(tmp_path):
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["training.max_steps"])
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
