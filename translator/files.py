@@ -321,3 +321,13 @@ def exclusive_lock(path):
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def keras_load_error(path, error: Exception) -> str:
+    """Why `keras.saving.load_model(path)` failed, in words: Keras says "File not found" for a
+    `.keras` file that exists but is not a whole zip archive (a copy cut short)."""
+    import zipfile
+
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        return "it is not a complete .keras file (a zip archive; a copy or download cut short)"
+    return f"{type(error).__name__}: {error}"

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from translator import search, segmentation
 from translator.config import DecodingConfig, decoding_options, field_bounds, field_choices
+from translator.files import keras_load_error
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, add_specials
 
 
@@ -625,10 +626,8 @@ def load(path, **overrides) -> Translator:
         model = keras.saving.load_model(model_file)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(
-            f"cannot load {model_file}: {type(e).__name__}: {e}. The file is there but is not a "
-            "`.keras` model this version of translator can read: is it complete (a copy or "
-            "download cut short)? Copy it again, or export it again from its training run "
-            "directory with `translator export`"
+            f"cannot load {model_file}: {keras_load_error(model_file, e)}. Copy it again, or "
+            "export it again from its training run directory with `translator export`"
         ) from e
     source_tokenizer = getattr(model, "source_tokenizer", None)
     target_tokenizer = getattr(model, "target_tokenizer", None)

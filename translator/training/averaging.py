@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from translator import checkpoint as ckpt
-from translator.files import atomic_path, atomic_write
+from translator.files import atomic_path, atomic_write, keras_load_error
 from translator.training.building import save_model
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def average_checkpoints(run_dir, last: int, out_dir=None) -> Path:
         model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(
-            f"cannot load {run_dir / 'model.keras'} ({type(e).__name__}: {e}): averaging needs "
-            "it for the architecture: is it complete (not a copy cut short)?"
+            f"cannot load {run_dir / 'model.keras'} ({keras_load_error(run_dir / 'model.keras', e)}"
+            "): averaging needs it for the model's architecture"
         ) from e
     model.set_weights(_mean_weights(model, [path for path, _ in good]))
     out_dir.mkdir(parents=True, exist_ok=True)
