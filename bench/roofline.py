@@ -5,11 +5,14 @@ few rows, each weight is used for a handful of multiply-adds per byte read, so t
 run faster than the time it takes to stream the decoder's weights from memory; with many rows it
 is bounded by the matmul peak. This benchmark measures both limits on this machine, in this run
 (a large matrix-vector product for the bandwidth, a 1024 x 1024 x 1024 product for the peak),
-then times the model's step function (`Seq2Seq.step_function()`, top-k and log-normalizer
-included, in a `tf.while_loop` as beam search runs it) at 1, 5, 40 and 320 rows, and prints each
-time against its floor (the larger of bytes / bandwidth and FLOPs / peak):
+then times the model's step function as the search runs it (greedy's, or beam search's with the
+beams of a sentence sharing its encoder memory; top-k and log-normalizer included, in a
+`tf.while_loop`) for 1 sentence at beam 1 and at beam 5, and 8 and 64 sentences at beam 5 (1 to
+320 rows), and prints each time against its floor (the larger of the weights' bytes / bandwidth
+and FLOPs / peak; the encoder memory and attention keys a step reads, 4 KB per source subword
+and sentence, are left out):
 
-    python bench/roofline.py --model saved_models/en-fr [--source-length 16] [--rows 1,5,40,320]
+    python bench/roofline.py --model saved_models/en-fr [--source-length 16] [--shapes 1x1,1x5]
 
 A ratio near 1 means the step is at the machine's limit: only fewer bytes per step (a vocabulary
 shortlist, bfloat16 weights on a CPU with bfloat16 units, a smaller model) make it faster; a
@@ -60,8 +63,11 @@ def bandwidth(megabytes=256, iterations=20):
     rows = megabytes * 2**20 // (4 * columns)
     matrix = tf.random.normal([rows, columns])
     vector = tf.random.normal([1, rows])
-    # Each product depends on the previous one, so none is hoisted out of the loop.
-    run = loop(lambda acc: (acc + tf.reduce_sum(tf.matmul(vector + 0 * acc, matrix)),), iterations)
+    # Each product depends on the previous one (not through `0 * acc`, which the graph optimizer
+    # folds away), so none is hoisted out of the loop.
+    run = loop(
+        lambda acc: (acc + tf.reduce_sum(tf.matmul(vector + 1e-30 * acc, matrix)),), iterations
+    )
     return rows * columns * 4 * iterations / timed(run, tf.constant(0.0), repeats=5)
 
 
@@ -90,21 +96,24 @@ def step_weights(model):
     return nbytes, flops
 
 
-def step_seconds(model, rows, source_length, steps=30):
-    """Seconds per decoding step at `rows` rows: the step function, top-k and log-normalizer."""
+def step_seconds(model, sentences, beam, source_length, steps=30):
+    """Seconds per decoding step of `sentences` x `beam` rows, as the search runs it: greedy's
+    step (`beam` 1), or beam search's, whose beams share their sentence's encoder memory
+    (`step_function(shared_constants=True)`); top-k and log-normalizer included."""
     rng = np.random.default_rng(0)
-    source = tf.constant(rng.integers(4, 1000, size=(1, source_length)), tf.int32)
+    source = tf.constant(rng.integers(4, 1000, size=(sentences, source_length)), tf.int32)
     constants, state = model.encode(source)
-    tile = lambda t: tf.repeat(t, rows, axis=0)  # noqa: E731
-    constants, state = tf.nest.map_structure(tile, (constants, state))
-    step_fn = model.step_function()
-    ids = tf.constant(rng.integers(4, 1000, size=(rows,)), tf.int32)
+    state = tf.nest.map_structure(lambda t: tf.repeat(t, beam, axis=0), state)
+    step_fn = model.step_function(shared_constants=beam > 1)
+    ids = tf.constant(rng.integers(4, 1000, size=(sentences * beam,)), tf.int32)
 
     def body(ids, state):
         logits, state, _ = step_fn(ids, state, constants)
-        top, tokens = tf.math.top_k(logits, 6)
+        top, tokens = tf.math.top_k(logits, beam + 1)
         normalizer = tf.reduce_logsumexp(logits, axis=1)
-        return tokens[:, 0] + tf.cast(0 * (normalizer + top[:, 0]), tf.int32), state
+        # A comparison, not `0 * x`, which the graph optimizer folds away with `x` unused.
+        used = tf.cast(normalizer + top[:, 0] < -1e30, tf.int32)
+        return tokens[:, 0] + used, state
 
     return timed(loop(body, steps), ids, state) / steps
 
@@ -113,7 +122,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory with model.keras")
     parser.add_argument("--source-length", type=int, default=16, help="source subwords")
-    parser.add_argument("--rows", default="1,5,40,320", help="rows per step (batch x beam)")
+    parser.add_argument(
+        "--shapes",
+        default="1x1,1x5,8x5,64x5",
+        help="sentences x beam size per step (default 1x1,1x5,8x5,64x5: 1 to 320 rows)",
+    )
     args = parser.parse_args()
 
     from translator.inference import load
@@ -125,12 +138,16 @@ def main():
           f"{flops_per_row / 1e6:.1f} MFLOP per row (float32)")  # fmt: skip
     print(f"this machine, measured now: memory bandwidth {bw / 1e9:.1f} GB/s, "
           f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")  # fmt: skip
-    print("| rows | step ms | bandwidth floor ms | FLOP floor ms | step / floor |")
-    print("|---|---|---|---|---|")
-    for rows in (int(r) for r in args.rows.split(",")):
-        took = step_seconds(model, rows, args.source_length)
+    print(
+        "| sentences x beam | rows | step ms | bandwidth floor ms | FLOP floor ms | step / floor |"
+    )
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        sentences, beam = (int(n) for n in shape.split("x"))
+        rows = sentences * beam
+        took = step_seconds(model, sentences, beam, args.source_length)
         memory_floor, compute_floor = nbytes / bw, rows * flops_per_row / peak
-        print(f"| {rows} | {took * 1e3:.2f} | {memory_floor * 1e3:.2f} | "
+        print(f"| {sentences} x {beam} | {rows} | {took * 1e3:.2f} | {memory_floor * 1e3:.2f} | "
               f"{compute_floor * 1e3:.2f} | {took / max(memory_floor, compute_floor):.2f}x |",
               flush=True)  # fmt: skip
     return 0

@@ -49,6 +49,19 @@ def test_translate_stdin_that_is_not_utf8_names_the_line_after_translating_the_r
     assert len(proc.stdout.decode().split("\n")) == 3  # lines 1 and 2 (\r\n ends a line too)
 
 
+def test_stdin_lines_end_at_lf_or_crlf_and_stop_at_a_line_that_is_not_utf8(monkeypatch):
+    import io
+
+    from translator.cli import _stdin_lines
+
+    raw = "one\r\n\ntwo\nd\u00e9j\u00e0\nnever read\n".encode("latin-1")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    *lines, error = _stdin_lines()
+    assert lines == ["one", "", "two"] and isinstance(error, UnicodeDecodeError)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb"))  # a text stream without .buffer
+    assert list(_stdin_lines()) == ["a", "b"]
+
+
 def test_translate_arguments_with_n_best_and_scores(tiny_export_dir):
     proc = cli(
         "translate", "--model", str(tiny_export_dir), "--beam-size", "3", "--n-best", "2",

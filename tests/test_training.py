@@ -198,6 +198,12 @@ def test_average_names_a_checkpoint_pruned_after_its_verification(
         average_checkpoints(copy, 2, tmp_path / "avg")
     assert not (tmp_path / "avg").exists()  # nothing half-written
 
+    model = copy / "model.keras"  # cut short: named as such, not Keras' "File not found"
+    model.write_bytes(model.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"cannot load {model} \\(it is not a complete .keras"):
+        average_checkpoints(copy, 1, tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()
+
 
 def test_time_limit_stops_at_the_step_not_at_the_next_checkpoint(corpus, tmp_path):
     from translator.training import train

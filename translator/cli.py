@@ -354,8 +354,8 @@ def cmd_translate(args) -> int:
             if batch:  # the lines before it are translated: nothing read is lost
                 _translate_lines(translator, batch, args, kwargs)
             raise ValueError(
-                f"standard input, line {number}, is not UTF-8 ({line.reason} at byte "
-                f"{line.start}); the lines before it are translated above. Convert the input "
+                f"standard input, line {number}, is not UTF-8 ({line.reason} at its byte "
+                f"{line.start + 1}); the lines before it are translated above. Convert the input "
                 "first, e.g. `iconv -f latin1 -t utf-8`"
             )
         batch.append(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from translator.files import atomic_write
@@ -20,7 +21,7 @@ def _read_lines(path: str) -> list[str]:
         raise FileNotFoundError(f"file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    except (gzip.BadGzipFile, EOFError) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path} is not a complete gzip file ({e}): give it uncompressed, "
                          "or without the .gz ending if it is plain text") from None  # fmt: skip
 

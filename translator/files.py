@@ -328,6 +328,11 @@ def keras_load_error(path, error: Exception) -> str:
     `.keras` file that exists but is not a whole zip archive (a copy cut short)."""
     import zipfile
 
-    if Path(path).is_file() and not zipfile.is_zipfile(path):
+    try:
+        with open(path, "rb") as f:
+            whole = zipfile.is_zipfile(f)
+    except OSError as e:  # missing, unreadable: say so, not "cut short"
+        return f"{type(e).__name__}: {e}"
+    if not whole:
         return "it is not a complete .keras file (a zip archive; a copy or download cut short)"
     return f"{type(error).__name__}: {error}"
