@@ -330,7 +330,14 @@ def test_a_failed_export_leaves_no_version_behind(tiny_run_dir, tmp_path, monkey
     monkeypatch.setattr(tf.saved_model, "save", boom)
     with pytest.raises(OSError, match="disk full"):
         export(tiny_run_dir, tmp_path / "m")
-    assert not [p for p in (tmp_path / "m").iterdir() if p.is_dir()]
+    assert not (tmp_path / "m").exists()  # the folder it made goes too
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(OSError, match="disk full"):
+        export(tiny_run_dir, tmp_path / "kept")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [
+        "notes.txt"
+    ]  # one that was there stays
 
 
 def test_clear_errors_for_missing_corrupt_and_foreign_models(tiny_export_dir, tmp_path):
@@ -417,7 +424,7 @@ def test_translate_signature_takes_a_length_penalty_per_text(tiny_export_dir):
         )
         return [t.decode() for t in out["translations"].numpy()[:, 0]], out["scores"].numpy()[:, 0]
 
-    alphas = [0.0, 3.0, 0.6, 6.0]
+    alphas = [0.0, 3.0, 0.6, 5.0]  # the range the Python API and the REST API take
     translator = load(tiny_export_dir)
     for beam_size in (1, 3):
         texts, scores = served(beam_size, alphas)
