@@ -13,6 +13,11 @@ from translator.config import DecodingConfig, decoding_options, field_bounds, fi
 from translator.files import keras_load_error
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, add_specials
 
+# The range the config (and the REST API) takes for each penalty: `translate` checks the same.
+_PENALTY_BOUNDS = {
+    name: field_bounds(DecodingConfig, name) for name in ("length_penalty", "coverage_penalty")
+}
+
 
 @dataclass
 class Translation:
@@ -453,7 +458,7 @@ class Translator:
         alpha = self.length_penalty if length_penalty is None else float(length_penalty)
         beta = self.coverage_penalty if coverage_penalty is None else float(coverage_penalty)
         for name, value in (("length_penalty", alpha), ("coverage_penalty", beta)):
-            low, high = field_bounds(DecodingConfig, name)
+            low, high = _PENALTY_BOUNDS[name]
             if not low <= value <= high:  # NaN included: it would rank every hypothesis alike
                 raise ValueError(f"{name} must be between {low} and {high}, got {value}")
         max_tokens = self.max_source_length - 1

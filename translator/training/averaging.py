@@ -55,14 +55,11 @@ def average_checkpoints(run_dir, last: int, out_dir=None) -> Path:
             f"{run_dir} is not a finished training run: it needs model.keras and checkpoints/ "
             "(see `translator train`)"
         )
-    if out_dir.resolve() == run_dir.resolve() or (out_dir / "model.keras").exists():
+    is_run_dir = out_dir.resolve() == run_dir.resolve()
+    if is_run_dir or (out_dir / "model.keras").exists():
         raise FileExistsError(
             f"--out {out_dir} already holds a model.keras"
-            + (
-                " (it is the run directory itself)"
-                if out_dir.resolve() == run_dir.resolve()
-                else ""
-            )
+            + (" (it is the run directory itself)" if is_run_dir else "")
             + ": averaging never replaces a model; choose a new directory, or remove it first"
         )
     good = _newest_good_checkpoints(run_dir, last)
