@@ -3,10 +3,11 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from translator.startup import ENV_SHOW_ALL, native_stderr_filter
+from translator.startup import ENV_SHOW_ALL, NOISE, native_stderr_filter
 
 NOISE_LINES = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
@@ -67,6 +68,65 @@ def test_filter_restores_descriptor_2(capfd):
         os.write(2, NOISE_LINES[1].encode())
     os.write(2, b"visible\n")
     assert capfd.readouterr().err == "visible\n"
+
+
+# On CPUs with AVX-512, TensorFlow's graph optimizer logs this at ERROR level while a command runs.
+RUNTIME_NOISE = (
+    "E0000 00:00:1796618845.591843    3397 util.cc:131] oneDNN supports DT_INT64 only on "
+    "platforms with AVX-512. Falling back to the default Eigen-based implementation if present.\n"
+)
+
+STARTUP_PY = Path(__file__).resolve().parents[1] / "translator" / "startup.py"
+# startup.py alone, not the package (which imports TensorFlow: seconds per process).
+LIVE_WRITER = f"""
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("startup", {str(STARTUP_PY)!r})
+startup = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(startup)
+with startup.live_stderr_filter():
+    os.write(2, {RUNTIME_NOISE!r}.encode())
+    os.write(2, b"a real error from C++\\n")
+    os.write(2, b"\\rprogress 1/2")  # a progress bar: no newline until the end
+    os.write(2, b"\\rprogress 2/2")
+    sys.stderr.write("python's own warning\\n")
+    if sys.argv[1:] == ["crash"]:
+        os.write(2, b"last words\\n")
+        os.kill(os.getpid(), signal.SIGKILL)  # no code of ours runs after this
+os.write(2, b"after the block\\n")
+"""
+
+
+def test_runtime_noise_is_a_noise_line():
+    assert NOISE.search(RUNTIME_NOISE)
+    assert not NOISE.search("E0000 util.cc:131] oneDNN failed to allocate a buffer")
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_live_filter_passes_everything_but_noise_even_when_killed(crash):
+    proc = subprocess.run(
+        [sys.executable, "-c", LIVE_WRITER, *(["crash"] if crash else [])],
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if k != ENV_SHOW_ALL},
+        timeout=120,
+    )
+    kept = b"a real error from C++\n\rprogress 1/2\rprogress 2/2python's own warning\n"
+    if crash:  # the filter is a process of its own: the command's last words still get out
+        assert proc.returncode == -9
+        assert proc.stderr == kept + b"last words\n"
+    else:
+        assert proc.returncode == 0
+        assert proc.stderr == kept + b"after the block\n"
+
+
+def test_live_filter_is_off_when_asked():
+    proc = subprocess.run(
+        [sys.executable, "-c", LIVE_WRITER],
+        capture_output=True,
+        env={**os.environ, ENV_SHOW_ALL: "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    assert RUNTIME_NOISE.encode() in proc.stderr
 
 
 @pytest.mark.parametrize("verbose", [False, True])

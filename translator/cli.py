@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 
-from translator.startup import configure_output
+from translator.startup import configure_output, live_stderr_filter
 
 
 def cmd_train(args) -> int:
@@ -643,8 +644,11 @@ def main(argv=None) -> int:
     from translator.checkpoint import CheckpointError
     from translator.config import ConfigError
 
+    # TensorFlow's later noise (graph optimization) filtered out; everything with -v.
+    quiet = contextlib.nullcontext() if args.verbose else live_stderr_filter()
     try:
-        return args.func(args)
+        with quiet:
+            return args.func(args)
     except (
         ConfigError,
         CheckpointError,
