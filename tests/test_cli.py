@@ -62,6 +62,17 @@ def test_stdin_lines_end_at_lf_or_crlf_and_stop_at_a_line_that_is_not_utf8(monke
     assert list(_stdin_lines()) == ["a", "b"]
 
 
+def test_stdin_drops_a_byte_order_mark_opening_the_input_only(monkeypatch):
+    import io
+
+    from translator.cli import _stdin_lines
+
+    # Notepad's "UTF-8 with BOM": the mark is not text, and must not reach the model.
+    raw = "\ufeffone\r\n\ufefftwo\n".encode("utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert list(_stdin_lines()) == ["one", "\ufefftwo"]  # only the opening one is a mark
+
+
 def test_translate_arguments_with_n_best_and_scores(tiny_export_dir):
     proc = cli(
         "translate", "--model", str(tiny_export_dir), "--beam-size", "3", "--n-best", "2",

@@ -152,6 +152,15 @@ def test_load_test_set_from_files_and_its_errors(tmp_path):
         load_test_set(corpus="multi30k", references=[first])
 
 
+def test_load_test_set_drops_a_byte_order_mark_opening_a_file(tmp_path):
+    # Windows editors' "UTF-8 with BOM": the mark would otherwise be the first line's first word.
+    source, reference = tmp_path / "bom.en", tmp_path / "bom.fr"
+    source.write_bytes("\ufeffa cat\r\nb\n".encode("utf-8"))
+    reference.write_bytes("\ufeffun chat\nb\n".encode("utf-8"))
+    sources, references, _ = load_test_set(source=str(source), references=[str(reference)])
+    assert sources == ["a cat", "b"] and references == [["un chat"], ["b"]]
+
+
 def test_write_hypotheses_one_per_line(tmp_path):
     write_hypotheses(tmp_path / "hyp.txt", ["un chat", "", "deux chiens"])
     assert (tmp_path / "hyp.txt").read_text() == "un chat\n\ndeux chiens\n"

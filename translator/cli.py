@@ -369,8 +369,18 @@ def cmd_translate(args) -> int:
 
 
 def _stdin_lines():
-    """Standard input's lines without their line ending (a `\\n` or `\\r\\n`), decoded as UTF-8;
+    """Standard input's lines without their line ending (a `\\n` or `\\r\\n`), decoded as UTF-8
+    (a byte-order mark opening the input, as Windows editors write, is not text: it is dropped);
     a line that is not UTF-8 comes as its `UnicodeDecodeError`, and ends the lines."""
+    first = True
+    for line in _raw_stdin_lines():
+        if first and isinstance(line, str):
+            line = line.removeprefix("\ufeff")
+        first = False
+        yield line
+
+
+def _raw_stdin_lines():
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:  # a text stream put in place of stdin (tests, embedding)
         yield from (line.rstrip("\n") for line in sys.stdin)

@@ -15,7 +15,7 @@ from translator.scoring import bleu_chrf
 def _read_lines(path: str) -> list[str]:
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # a BOM opening it is not text
             return [line.rstrip("\n") for line in f]
     except FileNotFoundError:
         raise FileNotFoundError(f"file {path} does not exist") from None
