@@ -440,6 +440,11 @@ def test_translate_signature_takes_a_length_penalty_per_text(tiny_export_dir):
     for bad in ([0.6, 0.6], [[0.6]] * 4):
         with pytest.raises(tf.errors.InvalidArgumentError, match="one value, or one per text"):
             served(3, bad)
+    # Out of the range the Python API, the config and the REST API take, NaN included: refused
+    # by the graph itself, for clients that call the signature directly (TF Serving).
+    for bad in (-0.1, 5.5, float("nan"), [0.6, float("nan"), 0.6, 0.6], [0.6, 0.6, 9.0, 0.6]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="length_penalty must be between"):
+            served(3, bad)
 
 
 def test_beam_size_1_is_greedy_through_translator_and_savedmodel(tiny_export_dir):

@@ -295,6 +295,25 @@ class Translator:
                 name="length_penalty_check",
             ),
         ]
+        # The ranges `translate` and the config take (a NaN fails both comparisons): a serving
+        # client calling the signature directly gets the same refusal, not a garbled ranking.
+        for name, value in (
+            ("length_penalty", length_penalty),
+            ("coverage_penalty", coverage_penalty),
+        ):
+            low, high = _PENALTY_BOUNDS[name]
+            value = tf.cast(value, tf.float32)
+            checks.append(
+                tf.debugging.Assert(
+                    tf.reduce_all((value >= low) & (value <= high)),
+                    [
+                        tf.strings.format(
+                            f"{name} must be between {low} and {high}, got {{}}", value
+                        )
+                    ],
+                    name=f"{name}_range_check",
+                )
+            )
         with tf.control_dependencies(checks):
             source_ids, source_lengths = self.encode_source(text)
         batch = tf.shape(source_ids)[0]
