@@ -5,7 +5,8 @@ Python API (`translator.load`) and through the exported SavedModel (`translate` 
 graph TF Serving runs), at batch sizes 1, 32 and 64; the Python API also with the output
 projection in bfloat16 (`projection_dtype="bfloat16"`, "Python bf16 proj") and with every matmul in
 bfloat16 (`compute_dtype="bfloat16"`, "Python bf16"), and a SavedModel exported with
-`compute_dtype="bfloat16"` ("SavedModel bf16"); where the model directory has a vocabulary shortlist
+`compute_dtype="bfloat16"` ("SavedModel bf16") and one with `compute_dtype="adaptive"` ("SavedModel
+adaptive": bfloat16 from `--bfloat16-rows` rows, default the config's, float32 below); where the model directory has a vocabulary shortlist
 (`shortlist.npz`, which the other paths use), the same two without it ("SavedModel whole vocab",
 exported here with `shortlist=False`, and "Python whole vocab"). Prints sentences/s (the best of `--rounds`
 interleaved runs, as the machine is shared), the beam-5 / greedy cost ratio measured in this run
@@ -50,6 +51,7 @@ PATHS = (
     "Python bf16 proj",
     "Python bf16",
     "SavedModel bf16",
+    "SavedModel adaptive",
     "SavedModel whole vocab",
     "Python whole vocab",
 )
@@ -160,6 +162,12 @@ def main():
         help="find the rows (sentences x beam) from which bfloat16 decoding beats float32 here",
     )
     parser.add_argument(
+        "--bfloat16-rows",
+        type=int,
+        help="the 'SavedModel adaptive' path's threshold (default: the model config's "
+        "decoding.bfloat16_rows; --calibrate measures it)",
+    )
+    parser.add_argument(
         "--inter-op-threads",
         type=int,
         help="TensorFlow's inter-op thread pool size (default: TensorFlow's, the core count)",
@@ -200,6 +208,17 @@ def main():
 
         version = export(model_dir, os.path.join(tmp.name, "bf16"), compute_dtype="bfloat16")
         signature_bf16 = tf.saved_model.load(str(version)).signatures["translate"]
+    signature_adaptive = None
+    if "SavedModel adaptive" in paths:
+        from translator.export import export
+
+        version = export(
+            model_dir,
+            os.path.join(tmp.name, "adaptive"),
+            compute_dtype="adaptive",
+            bfloat16_rows=args.bfloat16_rows,
+        )
+        signature_adaptive = tf.saved_model.load(str(version)).signatures["translate"]
     signature_whole = None
     if "SavedModel whole vocab" in paths:
         from translator.export import export
@@ -235,6 +254,7 @@ def main():
         "Python bf16 proj": python_bf16_proj,
         "Python bf16": python_bf16,
         "SavedModel bf16": lambda beam: saved_model(beam, signature_bf16),
+        "SavedModel adaptive": lambda beam: saved_model(beam, signature_adaptive),
         "SavedModel whole vocab": lambda beam: saved_model(beam, signature_whole),
         "Python whole vocab": lambda beam: (
             lambda batch: translator_whole.translate(batch, beam_size=beam)
@@ -286,7 +306,7 @@ def main():
     beam = max(paths, key=lambda p: rates[p, 5, biggest])
     print(f"  fastest beam 5 ({beam}) costs {rates[greedy, 1, biggest] / rates[beam, 5, biggest]:.2f}x "
           f"the fastest greedy ({greedy}) at batch {biggest}")  # fmt: skip
-    for path_name in ("SavedModel", "SavedModel bf16"):
+    for path_name in ("SavedModel", "SavedModel bf16", "SavedModel adaptive"):
         if (path_name, 5, 32) in rates:
             rate = rates[path_name, 5, 32]
             print(f"  {path_name} beam 5 batch 32: {rate:.1f} sentences/s = {rate / 21.6:.2f}x "
