@@ -1,8 +1,10 @@
 """Quiet by default: TensorFlow's native start-up lines are filtered, nothing else is."""
 
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,9 @@ with startup.live_stderr_filter():
     os.write(2, {RUNTIME_NOISE!r}.encode())
     os.write(2, b"a real error from C++\\n")
     os.write(2, b"\\rprogress 1/2")  # a progress bar: no newline until the end
-    os.write(2, b"\\rprogress 2/2")
+    os.write(2, b"\\rprogress 2/2" + {RUNTIME_NOISE!r}.encode())  # noise right after it
+    os.write(2, b"caf\\xe9 in latin-1\\r\\n")  # not UTF-8, and a CRLF line
+    os.write(2, {RUNTIME_NOISE[:-1] + chr(13) + chr(10)!r}.encode())  # noise ending in CRLF
     sys.stderr.write("python's own warning\\n")
     if sys.argv[1:] == ["crash"]:
         os.write(2, b"last words\\n")
@@ -109,13 +113,68 @@ def test_live_filter_passes_everything_but_noise_even_when_killed(crash):
         env={k: v for k, v in os.environ.items() if k != ENV_SHOW_ALL},
         timeout=120,
     )
-    kept = b"a real error from C++\n\rprogress 1/2\rprogress 2/2python's own warning\n"
+    # Only the noise goes: the progress text before it on its line, bytes that are not UTF-8
+    # and line endings stay as they were written.
+    kept = (
+        b"a real error from C++\n\rprogress 1/2\rprogress 2/2"
+        b"caf\xe9 in latin-1\r\npython's own warning\n"
+    )
     if crash:  # the filter is a process of its own: the command's last words still get out
         assert proc.returncode == -9
         assert proc.stderr == kept + b"last words\n"
     else:
         assert proc.returncode == 0
         assert proc.stderr == kept + b"after the block\n"
+
+
+def test_live_filter_passes_text_on_as_it_comes():
+    """A progress bar's update shows while the command still runs (the filter holds nothing
+    back until the end): the writer waits for us before it goes on."""
+    writer = LIVE_WRITER.split("with startup")[0] + (
+        "with startup.live_stderr_filter():\n"
+        "    os.write(2, b'\\rtranslated 1/2')\n"
+        "    sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != ENV_SHOW_ALL},
+    )
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"translated 1/2" not in seen and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 1)[0]:
+                seen += os.read(proc.stderr.fileno(), 1024)
+        assert seen == b"\rtranslated 1/2" and proc.poll() is None  # shown, still running
+        proc.stdin.write(b"go on\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+
+
+def test_stderr_falls_back_to_unfiltered_if_the_filter_dies():
+    writer = LIVE_WRITER.split("with startup")[0] + (
+        "import time\n"
+        "terminal = os.fstat(2).st_ino\n"
+        "with startup.live_stderr_filter() as filt:\n"
+        "    os.write(2, b'through the filter\\n')\n"
+        "    os.kill(filt.pid, signal.SIGKILL)\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while os.fstat(2).st_ino != terminal and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    os.write(2, b'after it died\\n')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", writer],
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if k != ENV_SHOW_ALL},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.endswith(b"after it died\n")  # not lost in a dead pipe, no BrokenPipe
 
 
 def test_live_filter_is_off_when_asked():

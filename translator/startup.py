@@ -19,9 +19,10 @@ logs ``util.cc:131] oneDNN supports DT_INT64 only on platforms with AVX-512. Fal
 default Eigen-based implementation if present.`` at ERROR level the first time it optimizes a
 graph, harmless too (the op runs on Eigen). Its log level is read once, when TensorFlow loads, so
 it cannot be raised afterwards; `live_stderr_filter()` instead passes descriptor 2 through a small
-filter process for the whole command: every byte that is not a `NOISE` line reaches the terminal
-as it comes (progress bars included), and since the filter is a process of its own, what a
-command writes just before it crashes (a C++ ``F`` line, a Python traceback) still gets through.
+filter process for the whole command: everything but the `NOISE` lines themselves reaches the
+terminal as it comes (progress bars included, and text written before a noise line on the same
+line), and since the filter is a process of its own, what a command writes just before it
+crashes (a C++ ``F`` line, a Python traceback) still gets through.
 
 This module imports nothing heavy: it runs before TensorFlow is imported (`configure_output`
 imports it when called).
@@ -36,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 
 # Lines TensorFlow prints on every start on a CPU-only machine (one regex per known message).
 NOISE = re.compile(
@@ -92,37 +94,58 @@ def native_stderr_filter():
                 os.write(2, "".join(kept).encode("utf-8"))
 
 
+# Where a TensorFlow log line starts (absl's "E0000 00:00:1796618845.591843    3397 util.cc:131] "
+# header, or one of the two header-less start-up lines): text written before it on the same line
+# (a progress bar's unfinished update) is not part of it.
+LOG_LINE_START = re.compile(
+    r"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+\] "
+    r"|WARNING: All log messages before absl"
+    r"|To enable the following instructions: "
+)
+
 # The filter process of `live_stderr_filter`: stdin is what the command writes to descriptor 2,
-# stdout the real descriptor 2. Complete lines (ended by "\n", or by "\r" for progress bars) are
-# checked against the pattern in argv[1]; an unfinished one is passed on once nothing more came
-# for 50 ms (TensorFlow writes each log line in one call, so it is never a log line cut short).
+# stdout the real descriptor 2. Lines (ended by "\n", "\r\n", or "\r" alone for progress bars)
+# are checked against NOISE from their last log-line start (LOG_LINE_START, else from their
+# start): the noise is dropped, what came before it on the line kept. An unfinished line is
+# passed on once nothing more came for 50 ms (TensorFlow writes each log line in one call, so it
+# is never a log line cut short). Signals that stop a service (systemd's SIGTERM to the whole
+# group, a terminal's SIGHUP or Ctrl-C) are ignored: the filter ends when the command's last
+# write end closes, after passing everything on. A failed write (the terminal gone, a full disk)
+# makes it discard from then on, never stop reading: the command never meets a broken pipe.
 _FILTER_SCRIPT = r"""
-import os, re, select, sys
-noise = re.compile(sys.argv[1])
-pending = b""
+import os, re, select, signal, sys
+for name in ("SIGTERM", "SIGHUP", "SIGINT", "SIGQUIT"):
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
+noise, start = re.compile(sys.argv[1]), re.compile(sys.argv[2])
+pending, broken = "", False
 
-def emit(parts):
-    kept = [p for p in parts if not noise.search(p.decode("utf-8", "replace"))]
-    if kept:
-        data = b"".join(kept)
-        while data:
+def kept(line):
+    starts = [m.start() for m in start.finditer(line)]
+    cut = starts[-1] if starts else 0
+    return line[:cut] if noise.search(line[cut:]) else line
+
+def emit(lines):
+    global broken
+    data = "".join(kept(line) for line in lines).encode("utf-8", "surrogateescape")
+    while data and not broken:
+        try:
             data = data[os.write(1, data):]
+        except OSError:
+            broken = True
 
-try:
-    while True:
-        if pending and not select.select([0], [], [], 0.05)[0]:
-            emit([pending])
-            pending = b""
-            continue
-        chunk = os.read(0, 65536)
-        if not chunk:
-            break
-        parts = re.split(rb"(?<=[\r\n])", pending + chunk)
-        pending = parts.pop()
-        emit(parts)
-    emit([pending] if pending else [])
-except (BrokenPipeError, KeyboardInterrupt):
-    pass
+while True:
+    if pending and not select.select([0], [], [], 0.05)[0]:
+        emit([pending])
+        pending = ""
+        continue
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    # surrogateescape: bytes that are not UTF-8 (or a character cut by the read) pass unchanged.
+    lines = re.split(r"(?<=\n)|(?<=\r)(?=[^\n])", pending + chunk.decode("utf-8", "surrogateescape"))
+    pending = lines.pop()  # unfinished (or a "\r" that may start a "\r\n")
+    emit(lines)
+emit([pending] if pending else [])
 """
 
 
@@ -131,46 +154,74 @@ def live_stderr_filter():
     """Within the block, descriptor 2 goes through a filter process that drops `NOISE` lines
     and passes everything else on, in order, as it is written.
 
-    For a whole command (`translator.cli.main`): unlike `native_stderr_filter`, nothing is held
-    back until the block ends, so progress bars and logs show as they happen. The filter runs
-    in a session of its own (Ctrl-C reaches the command, not it) and outlives a command killed
-    in the block: it passes on what was written and exits when the last writer is gone. Off
-    with ``TRANSLATOR_TF_LOGS=1``, or where the filter process cannot start (then nothing is
-    filtered).
+    For a whole command (`translator.cli.main`, from its main thread; not nested with other
+    redirections of descriptor 2 except in LIFO order): unlike `native_stderr_filter`, nothing
+    is held back until the block ends, so progress bars and logs show as they happen. The filter
+    is a process of its own (`-I -S`: no site packages, no module of the working directory): it
+    ignores the signals that stop a command, and outlives a command killed in the block, passing
+    on what was written and exiting when the last writer is gone. If it ends early anyway,
+    descriptor 2 goes back to the real stderr, unfiltered. Inside the block descriptor 2 is a
+    pipe (not a terminal). Off with ``TRANSLATOR_TF_LOGS=1``, on Windows, or where the filter
+    cannot start (then nothing is filtered).
+
+    Yields the filter's `subprocess.Popen`, or `None` where there is no filter.
     """
-    if os.environ.get(ENV_SHOW_ALL, "") not in ("", "0"):
-        yield
+    if os.environ.get(ENV_SHOW_ALL, "") not in ("", "0") or os.name != "posix":
+        yield None
         return
+    saved = proc = None
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):  # no descriptor 2: nothing to filter
-        yield
-        return
-    try:
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _FILTER_SCRIPT, NOISE.pattern],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _FILTER_SCRIPT,
+                NOISE.pattern,
+                LOG_LINE_START.pattern,
+            ],
             stdin=subprocess.PIPE,
             stdout=saved,
             stderr=saved,
             start_new_session=True,
         )
-    except OSError:
-        os.close(saved)
-        yield
+    except (OSError, ValueError, TypeError):  # no descriptor 2, no interpreter to run
+        if saved is not None:
+            os.close(saved)
+        saved = None
+    if saved is None:  # outside the except clause: the command's errors are not chained to this
+        yield None
         return
+    lock = threading.Lock()
+    active = True
+
+    def fall_back_if_it_ends():
+        proc.wait()
+        with lock:
+            if active:  # the filter died in the block (SIGKILL): stderr unfiltered, not lost
+                os.dup2(saved, 2)
+
     os.dup2(proc.stdin.fileno(), 2)
+    threading.Thread(target=fall_back_if_it_ends, daemon=True).start()
     try:
-        yield
+        yield proc
     finally:
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        proc.stdin.close()  # with descriptor 2 restored, the last write end here: EOF
+        with lock:
+            active = False
+            os.dup2(saved, 2)
+            os.close(saved)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # with descriptor 2 restored, the last write end here: EOF
         try:
-            proc.wait(timeout=5)  # what it still holds reaches the terminal before we return
-        except subprocess.TimeoutExpired:  # a child process of the command still writes to it
+            # What it still holds reaches the terminal before we return. Longer only if a
+            # child process of the command still holds descriptor 2 after the command.
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             pass
 
 
