@@ -289,9 +289,33 @@ def test_adaptive_export_picks_bfloat16_for_many_rows_float32_for_few(tiny_run_d
     assert expected(translator, TEXTS, 3) == expected(bfloat16, TEXTS, 3)
     with pytest.raises(ExportError, match="bfloat16_rows must be at least 1"):
         export(tiny_run_dir, tmp_path / "bad", compute_dtype="adaptive", bfloat16_rows=0)
-    with pytest.raises(ExportError, match="applies to compute_dtype adaptive only"):
+    with pytest.raises(ExportError, match="applies to compute_dtype adaptive or auto only"):
         export(tiny_run_dir, tmp_path / "bad", compute_dtype="float32", bfloat16_rows=8)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_auto_export_is_resolved_in_the_graph_and_kept_auto_for_load(
+    tiny_run_dir, tmp_path, monkeypatch
+):
+    """`compute_dtype="auto"`: the SavedModel is built for the exporting machine, its
+    config.yaml keeps `auto` and the threshold, so `translator.load` of the export resolves it
+    on the machine where it runs (float32 where bfloat16 is emulated)."""
+    from translator import hardware
+    from translator.config import load_config
+    from translator.export import export
+    from translator.inference import load
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    export(tiny_run_dir, tmp_path / "a", compute_dtype="auto", bfloat16_rows=6)
+    decoding = load_config(tmp_path / "a" / "config.yaml").decoding
+    assert (decoding.compute_dtype, decoding.bfloat16_rows) == ("auto", 6)
+    assert load(tmp_path / "a").adaptive
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})  # emulated bfloat16
+    assert not load(tmp_path / "a").adaptive
+    # Exported where bfloat16 is emulated: a float32 graph, and the threshold kept for others.
+    export(tiny_run_dir, tmp_path / "b", compute_dtype="auto", bfloat16_rows=6)
+    decoding = load_config(tmp_path / "b" / "config.yaml").decoding
+    assert (decoding.compute_dtype, decoding.bfloat16_rows) == ("auto", 6)
 
 
 def test_auto_compute_dtype_is_adaptive_only_with_bfloat16_matmuls(monkeypatch):

@@ -261,12 +261,14 @@ def export(
     `projection_dtype` (`"float32"` or `"bfloat16"`) replaces the config's
     `decoding.projection_dtype`: the SavedModel's decoder is built with it and the exported
     `config.yaml` records it. `compute_dtype` (`"float32"`, `"bfloat16"`, `"adaptive"` or
-    `"auto"`, resolved here, on the exporting machine) likewise replaces
+    `"auto"`) likewise replaces
     `decoding.compute_dtype`: with `"bfloat16"` every matmul of the SavedModel's graph runs in
     bfloat16 (fast on CPUs with AMX, emulated and slow on CPUs without bfloat16 instructions);
     with `"adaptive"` the graph chooses per call, bfloat16 from `bfloat16_rows` rows (batch x
     beam size; replaces `decoding.bfloat16_rows`) and float32 below, the weights stored once;
-    `"auto"` is `"adaptive"` on a machine with bfloat16 matmuls, `"float32"` elsewhere.
+    `"auto"` is `"adaptive"` on a machine with bfloat16 matmuls, `"float32"` elsewhere: the
+    SavedModel is built with it resolved on the exporting machine, while `config.yaml` keeps
+    `auto` (and `bfloat16_rows`), so `translator.load` of the export resolves it where it runs.
     A vocabulary shortlist beside the model (`shortlist.npz`, see `translator.shortlist`) is
     built into the SavedModel's graph and copied beside the versions, so `translator.load` of
     the export decodes as the SavedModel does; `shortlist=False` leaves it out (and removes
@@ -329,22 +331,29 @@ def _export_into(
     requested = None if version is None else int(version)
     _check_new_version(out_dir, next_version(out_dir) if requested is None else requested)
     source_dir = model_path.parent if model_path.suffix == ".keras" else model_path
+    # What config.yaml records: `auto` stays `auto`, so that `translator.load` of the export
+    # resolves it on its own machine (float32 where bfloat16 is emulated); the SavedModel's
+    # graph is fixed, built with `auto` resolved here.
     overrides = {
         name: value
         for name, value in (
             ("projection_dtype", projection_dtype),
-            ("compute_dtype", resolve_compute_dtype(compute_dtype)),
+            ("compute_dtype", compute_dtype),
             ("bfloat16_rows", bfloat16_rows),
         )
         if value is not None
     }
+    resolved = dict(overrides)
+    if "compute_dtype" in resolved:
+        resolved["compute_dtype"] = resolve_compute_dtype(compute_dtype)
     translator = with_tokenizers(
-        load(model_path, **overrides, **({} if shortlist else {"shortlist": None}))
+        load(model_path, **resolved, **({} if shortlist else {"shortlist": None}))
     )
-    if bfloat16_rows is not None and not translator.adaptive:
+    auto = "auto" in (compute_dtype, translator.compute_dtype)  # the threshold is for elsewhere too
+    if bfloat16_rows is not None and not translator.adaptive and not auto:
         raise ExportError(
-            f"bfloat16_rows={bfloat16_rows} applies to compute_dtype adaptive only (or auto on a "
-            "machine with bfloat16 matmuls); this export would decode in "
+            f"bfloat16_rows={bfloat16_rows} applies to compute_dtype adaptive or auto only; "
+            "this export would decode in "
             f"{resolve_compute_dtype(translator.compute_dtype) or 'the model dtype'} alone: add "
             "compute_dtype adaptive (--compute-dtype adaptive), or leave bfloat16_rows out"
         )
