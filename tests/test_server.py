@@ -531,6 +531,34 @@ def test_micro_batcher_waits_longer_only_after_a_merged_call():
     assert all(seconds < 0.25 for seconds in waited.values()), waited
 
 
+def test_micro_batcher_merges_the_clients_just_answered_with_those_already_waiting():
+    """Under load, the requests queued during a call and those of the clients it answered
+    (back a moment later) make one call: two groups of clients do not take turns."""
+    calls = []
+
+    async def main():
+        batcher = MicroBatcher(
+            _echo(calls, delay=0.05), max_batch_size=8, max_wait=0.001, max_wait_busy=0.5
+        )
+        batcher.start()
+
+        def submit(text):
+            return batcher.submit("s", None, [text], {})
+
+        async def client(name):  # one request, then another shortly after its answer
+            await submit(name)
+            await asyncio.sleep(0.01)
+            await submit(name + "'")
+
+        first_group = asyncio.gather(client("a1"), client("a2"))
+        await asyncio.sleep(0.02)  # the call of a1 and a2 runs: b1 and b2 queue meanwhile
+        await asyncio.gather(first_group, submit("b1"), submit("b2"))
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert [texts for _, texts, _ in calls] == [("a1", "a2"), ("b1", "b2", "a1'", "a2'")]
+
+
 def test_micro_batcher_merges_requests_that_differ_only_in_per_row_inputs():
     calls = []
 

@@ -33,6 +33,7 @@ class _Request:
     future: asyncio.Future
     timeout: float | None
     deadline: float | None  # event-loop time
+    queued_at: float = 0.0  # event-loop time of its submission
     parts: list[dict] = field(default_factory=list)  # outputs of the chunks done so far
     # Inputs that may differ between the requests of one call: name -> one value for all its
     # texts, or a list of one value per text.
@@ -253,6 +254,7 @@ class MicroBatcher:
             future=loop.create_future(),
             timeout=timeout,
             deadline=None if timeout is None else loop.time() + timeout,
+            queued_at=loop.time(),
         )
         self._enqueue(_Item(request, *request.chunks[0]))
         try:
@@ -340,7 +342,18 @@ class MicroBatcher:
             now = loop.time()
             busy = self._merged > 1 and now < self._ended + self.max_wait_busy
             wait_until = max(now + self.max_wait, self._ended + self.max_wait_busy if busy else 0)
-            expected = self._merged if busy else 0  # the requests worth waiting for
+            # The requests worth waiting for: the clients the last call just answered come
+            # back, and the requests that were already waiting when it ended (other clients)
+            # are here. Counting only the former, two groups of clients would take turns, each
+            # call merging half of them (at concurrency 32, calls of 8 to 16 texts, not 32).
+            expected = 0
+            if busy:
+                earlier = {
+                    id(item.request)
+                    for item in (first, *self._items)
+                    if item.key == first.key and item.request.queued_at < self._ended
+                }
+                expected = self._merged + len(earlier)
             while rows > 0 and (cost is None or cost > 0):
                 more = self._take(first.key, rows, cost, loop.time())
                 batch += more
