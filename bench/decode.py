@@ -243,7 +243,9 @@ def main():
     params = translator.model.count_params()
     sentences = load_sentences(args.sentences)
     # What "SavedModel" and "Python API" decode in is the model directory's (config.yaml).
-    dtype = translator.compute_dtype or "float32"
+    from translator.inference import resolve_compute_dtype
+
+    dtype = resolve_compute_dtype(translator.compute_dtype) or "float32"
     if translator.adaptive:
         dtype += f" (bfloat16 from {translator.bfloat16_rows} rows)"
     print(f"{model_dir}: {params / 1e6:.1f}M parameters, decodes in {dtype}, "
