@@ -300,20 +300,36 @@ def test_auto_export_is_resolved_in_the_graph_and_kept_auto_for_load(
     """`compute_dtype="auto"`: the SavedModel is built for the exporting machine, its
     config.yaml keeps `auto` and the threshold, so `translator.load` of the export resolves it
     on the machine where it runs (float32 where bfloat16 is emulated)."""
+    import tensorflow as tf
+
     from translator import hardware
     from translator.config import load_config
     from translator.export import export
     from translator.inference import load
 
+    def has_bfloat16_branch(version):
+        """Whether the SavedModel's functions compute anything in bfloat16."""
+        signature = tf.saved_model.load(str(version)).signatures["translate"]
+        library = signature.graph.as_graph_def().library
+        bf16 = tf.bfloat16.as_datatype_enum
+        return any(
+            attr.type == bf16 or bf16 in attr.list.type
+            for function in library.function
+            for node in function.node_def
+            for attr in node.attr.values()
+        )
+
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    export(tiny_run_dir, tmp_path / "a", compute_dtype="auto", bfloat16_rows=6)
+    version_a = export(tiny_run_dir, tmp_path / "a", compute_dtype="auto", bfloat16_rows=6)
+    assert has_bfloat16_branch(version_a)  # built adaptive, for this (bfloat16) machine
     decoding = load_config(tmp_path / "a" / "config.yaml").decoding
     assert (decoding.compute_dtype, decoding.bfloat16_rows) == ("auto", 6)
     assert load(tmp_path / "a").adaptive
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})  # emulated bfloat16
     assert not load(tmp_path / "a").adaptive
     # Exported where bfloat16 is emulated: a float32 graph, and the threshold kept for others.
-    export(tiny_run_dir, tmp_path / "b", compute_dtype="auto", bfloat16_rows=6)
+    version_b = export(tiny_run_dir, tmp_path / "b", compute_dtype="auto", bfloat16_rows=6)
+    assert not has_bfloat16_branch(version_b)  # built float32
     decoding = load_config(tmp_path / "b" / "config.yaml").decoding
     assert (decoding.compute_dtype, decoding.bfloat16_rows) == ("auto", 6)
 

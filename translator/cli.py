@@ -558,15 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of every matmul of the export's graph (default: the model's config.yaml); "
         "bfloat16 is faster on CPUs with AMX for many sentences, slow where bfloat16 is "
         "emulated; adaptive chooses per call, bfloat16 from --bfloat16-rows rows (batch x beam "
-        "size), float32 below; auto (adaptive with bfloat16 matmuls, else float32) is resolved "
-        "on this machine and recorded in the export's config.yaml",
+        "size), float32 below; auto (adaptive with bfloat16 matmuls, else float32) builds the "
+        "graph for this machine and stays auto in the export's config.yaml, so translator.load "
+        "of the export resolves it where it runs",
     )
     p.add_argument(
         "--bfloat16-rows",
         type=int,
         default=None,
         metavar="N",
-        help="with --compute-dtype adaptive: the rows (sentences x beam size) from which a call "
+        help="with --compute-dtype adaptive or auto: the rows (sentences x beam size) from which a call "
         "decodes in bfloat16 (default: the model's config.yaml, 64; `python bench/decode.py "
         "--calibrate` measures this machine's)",
     )

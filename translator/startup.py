@@ -130,6 +130,8 @@ def emit(lines):
     while data and not broken:
         try:
             data = data[os.write(1, data):]
+        except BlockingIOError:  # a non-blocking stderr that is full for now: wait, retry
+            select.select([], [1], [], 1.0)
         except OSError:
             broken = True
 

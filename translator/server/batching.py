@@ -88,7 +88,9 @@ class MicroBatcher:
     **The wait adapts to the load.** After a call that served one request (a lone client), the
     next call waits at most `max_wait` for company, so a single client pays almost nothing.
     After a call that merged several requests (concurrent clients, whose next requests are on
-    their way), it waits until it has as many requests as that call merged, the call is full,
+    their way), it waits until it has as many requests as that call merged plus those that were
+    already queued when it ended (other clients: counting only the former, two groups of
+    clients would take turns, each call merging half of them), the call is full,
     a waiting request cannot join it (other decoding options), or `max_wait_busy` after that
     call ended: the clients just answered come back within a few milliseconds, and one call for
     all of them costs far less than one call each (TF Serving's `batch_timeout_micros`, applied
@@ -150,6 +152,7 @@ class MicroBatcher:
         self._running: list[_Item] = []
         self._express_running: list[_Item] = []
         self._heavy = False  # the main lane runs a call costing more than express_cost
+        self._last: set[int] = set()  # ids of the requests of the main lane's last call
         self._event: asyncio.Event | None = None
         self._express_event: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -351,7 +354,11 @@ class MicroBatcher:
                 earlier = {
                     id(item.request)
                     for item in (first, *self._items)
-                    if item.key == first.key and item.request.queued_at < self._ended
+                    if item.key == first.key
+                    and item.request.queued_at < self._ended
+                    and id(item.request) not in self._last  # a split request's next chunk
+                    and item.live
+                    and (item.request.deadline is None or now < item.request.deadline)
                 }
                 expected = self._merged + len(earlier)
             while rows > 0 and (cost is None or cost > 0):
@@ -376,6 +383,7 @@ class MicroBatcher:
             batch = [item for item in batch if item.live]  # its caller may have left meanwhile
             # A request has at most one chunk queued (see above): one item per request.
             self._merged = len(batch)
+            self._last = {id(item.request) for item in batch}
             if batch:
                 self._running = batch
                 if self.express_cost is not None:
