@@ -7,8 +7,9 @@ projection in bfloat16 (`projection_dtype="bfloat16"`, "Python bf16 proj") and w
 bfloat16 (`compute_dtype="bfloat16"`, "Python bf16"), and a SavedModel exported with
 `compute_dtype="bfloat16"` ("SavedModel bf16") and one with `compute_dtype="adaptive"` ("SavedModel
 adaptive": bfloat16 from `--bfloat16-rows` rows, default the config's, float32 below) and one
-with `compute_dtype="float32"` ("SavedModel float32"); "SavedModel" and "Python API" decode as the
-model directory's config says (the shipped model: adaptive, printed in the header); where the model directory has a vocabulary shortlist
+with `compute_dtype="float32"` ("SavedModel float32"); "Python API" decodes as the model
+directory's config says (printed in the header; the shipped model's `auto`), "SavedModel" as its
+newest version was built (the shipped one: adaptive); where the model directory has a vocabulary shortlist
 (`shortlist.npz`, which the other paths use), the same two without it ("SavedModel whole vocab",
 exported here with `shortlist=False`, and "Python whole vocab"). Prints sentences/s (the best of `--rounds`
 interleaved runs, as the machine is shared), the beam-5 / greedy cost ratio measured in this run
@@ -242,13 +243,14 @@ def main():
         signature_whole = tf.saved_model.load(str(version)).signatures["translate"]
     params = translator.model.count_params()
     sentences = load_sentences(args.sentences)
-    # What "SavedModel" and "Python API" decode in is the model directory's (config.yaml).
+    # What "Python API" decodes in: the model directory's config.yaml ("SavedModel" runs its
+    # newest version as that was built, which is the same unless it was exported elsewhere).
     from translator.inference import resolve_compute_dtype
 
     dtype = resolve_compute_dtype(translator.compute_dtype) or "float32"
     if translator.adaptive:
         dtype += f" (bfloat16 from {translator.bfloat16_rows} rows)"
-    print(f"{model_dir}: {params / 1e6:.1f}M parameters, decodes in {dtype}, "
+    print(f"{model_dir}: {params / 1e6:.1f}M parameters, Python API decodes in {dtype}, "
           f"shortlist {translator.shortlist}, "
           f"{len(sentences)} sentences, "
           f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}")  # fmt: skip
