@@ -212,35 +212,20 @@ def main():
     translator_whole = load(model_dir, shortlist=None) if "Python whole vocab" in paths else None
     loaded, version_dir = load_saved_model(model_dir)
     signature = loaded.signatures["translate"]
-    signature_bf16 = None
-    if "SavedModel bf16" in paths:
-        from translator.export import export
+    from translator.export import export
 
-        version = export(model_dir, os.path.join(tmp.name, "bf16"), compute_dtype="bfloat16")
-        signature_bf16 = tf.saved_model.load(str(version)).signatures["translate"]
-    signature_adaptive = None
-    if "SavedModel adaptive" in paths:
-        from translator.export import export
-
-        version = export(
-            model_dir,
-            os.path.join(tmp.name, "adaptive"),
-            compute_dtype="adaptive",
-            bfloat16_rows=args.bfloat16_rows,
-        )
-        signature_adaptive = tf.saved_model.load(str(version)).signatures["translate"]
-    signature_float32 = None
-    if "SavedModel float32" in paths:
-        from translator.export import export
-
-        version = export(model_dir, os.path.join(tmp.name, "float32"), compute_dtype="float32")
-        signature_float32 = tf.saved_model.load(str(version)).signatures["translate"]
-    signature_whole = None
-    if "SavedModel whole vocab" in paths:
-        from translator.export import export
-
-        version = export(model_dir, os.path.join(tmp.name, "whole"), shortlist=False)
-        signature_whole = tf.saved_model.load(str(version)).signatures["translate"]
+    # The paths that time an export of their own: path -> export() options.
+    exports = {
+        "SavedModel bf16": {"compute_dtype": "bfloat16"},
+        "SavedModel adaptive": {"compute_dtype": "adaptive", "bfloat16_rows": args.bfloat16_rows},
+        "SavedModel float32": {"compute_dtype": "float32"},
+        "SavedModel whole vocab": {"shortlist": False},
+    }
+    signatures = {}
+    for path_name, options in exports.items():
+        if path_name in paths:
+            version = export(model_dir, os.path.join(tmp.name, path_name.split()[-1]), **options)
+            signatures[path_name] = tf.saved_model.load(str(version)).signatures["translate"]
     params = translator.model.count_params()
     sentences = load_sentences(args.sentences)
     # What "Python API" decodes in: the model directory's config.yaml ("SavedModel" runs its
@@ -277,10 +262,7 @@ def main():
         "Python API": python_api,
         "Python bf16 proj": python_bf16_proj,
         "Python bf16": python_bf16,
-        "SavedModel bf16": lambda beam: saved_model(beam, signature_bf16),
-        "SavedModel adaptive": lambda beam: saved_model(beam, signature_adaptive),
-        "SavedModel float32": lambda beam: saved_model(beam, signature_float32),
-        "SavedModel whole vocab": lambda beam: saved_model(beam, signature_whole),
+        **{name: lambda beam, name=name: saved_model(beam, signatures[name]) for name in exports},
         "Python whole vocab": lambda beam: (
             lambda batch: translator_whole.translate(batch, beam_size=beam)
         ),

@@ -137,7 +137,6 @@ class MicroBatcher:
         self.max_batch_cost = max_batch_cost
         self.max_wait = max_wait
         self.max_wait_busy = max_wait if max_wait_busy is None else max(max_wait, max_wait_busy)
-        self._merged = 1  # requests the last main-lane call merged
         self._ended = 0.0  # when it ended (loop time)
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -343,7 +342,8 @@ class MicroBatcher:
             rows = self.max_batch_size - len(first.texts)
             cost = None if self.max_batch_cost is None else self.max_batch_cost - first.cost
             now = loop.time()
-            busy = self._merged > 1 and now < self._ended + self.max_wait_busy
+            merged = len(self._last)  # requests the last main-lane call merged
+            busy = merged > 1 and now < self._ended + self.max_wait_busy
             wait_until = max(now + self.max_wait, self._ended + self.max_wait_busy if busy else 0)
             # The requests worth waiting for: the clients the last call just answered come
             # back, and the requests that were already waiting when it ended (other clients)
@@ -360,7 +360,7 @@ class MicroBatcher:
                     and item.live
                     and (item.request.deadline is None or now < item.request.deadline)
                 }
-                expected = self._merged + len(earlier)
+                expected = merged + len(earlier)
             while rows > 0 and (cost is None or cost > 0):
                 more = self._take(first.key, rows, cost, loop.time())
                 batch += more
@@ -382,7 +382,6 @@ class MicroBatcher:
                         pass
             batch = [item for item in batch if item.live]  # its caller may have left meanwhile
             # A request has at most one chunk queued (see above): one item per request.
-            self._merged = len(batch)
             self._last = {id(item.request) for item in batch}
             if batch:
                 self._running = batch
