@@ -552,11 +552,11 @@ def test_train_leaves_the_global_dtype_policy_as_it_found_it(corpus, tmp_path, m
     }
     validated = []
 
-    def validate(monitor):
+    def score(monitor, sources, references):
         validated.append(monitor.translator.model is monitor.model)
         return 1.0
 
-    monkeypatch.setattr(TrainingMonitor, "validate", validate)
+    monkeypatch.setattr(TrainingMonitor, "score", score)
     config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
     before = keras.config.dtype_policy().name
     summary = train(config, tmp_path / "run")
@@ -580,7 +580,7 @@ def scripted_run(corpus, tmp_path_factory):
 
     scores = iter(SCRIPTED_BLEU)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TrainingMonitor, "validate", lambda self: next(scores))
+        patch.setattr(TrainingMonitor, "score", lambda self, sources, refs: next(scores))
         patch.setenv("TRANSLATOR_QUIET", "1")
         settings = {
             "training.max_steps": "200",
@@ -620,6 +620,98 @@ def test_model_keras_holds_the_best_checkpoint_which_survives_pruning(scripted_r
     assert any(not np.array_equal(a, b) for a, b in zip(best, last, strict=True))
     for got, expected in zip(saved, best, strict=True):
         np.testing.assert_array_equal(got, expected)
+
+
+# Two validation sets whose best steps differ: the first set alone would pick step 10; their
+# mean (20, 30, 25, 15) picks step 20.
+SCRIPTED_SETS = {"first": [30.0, 20.0, 22.0, 10.0], "second": [10.0, 40.0, 28.0, 20.0]}
+
+
+def test_several_validation_sets_pick_the_best_checkpoint_by_their_mean(corpus, tmp_path):
+    import tensorflow as tf
+
+    from translator.training import train
+    from translator.training.callback import TrainingMonitor
+
+    seen = []
+
+    def score(monitor, sources, references):
+        # Which set is scored, from its size: the first set is the whole val split (24
+        # sentences), the second the first 5 training pairs.
+        name = "first" if len(sources) == 24 else "second"
+        seen.append((name, len(sources), len(references)))
+        return SCRIPTED_SETS[name][sum(n == name for n, *_ in seen) - 1]
+
+    settings = {
+        "data.extra_validation": f"[{{corpus: '{corpus}', split: train, size: 5, name: second}}]",
+        "training.keep_checkpoints": "1",
+    }
+    config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainingMonitor, "score", score)
+        patch.setenv("TRANSLATOR_QUIET", "1")
+        summary = train(config, tmp_path / "run")
+    assert seen == [("first", 24, 24), ("second", 5, 5)] * 4  # both sets at every validation
+    records = history(tmp_path / "run")
+    assert [h["val_bleu"] for h in records] == [20.0, 30.0, 25.0, 15.0]
+    first_name = f"{corpus}.val"
+    assert [h["val_bleu_sets"] for h in records] == [
+        {first_name: a, "second": b}
+        for a, b in zip(SCRIPTED_SETS["first"], SCRIPTED_SETS["second"], strict=True)
+    ]
+    assert summary["best_step"] == 20 and summary["best_val_bleu"] == 30.0
+    assert summary["best_val_bleu_sets"] == {first_name: 20.0, "second": 40.0}
+    # keep_checkpoints=1 keeps the newest and the best by the mean, not by the first set.
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["ckpt-00000020", "ckpt-00000040"]
+    # TensorBoard has each set's BLEU besides the mean.
+    tags = {}
+    for path in (tmp_path / "run" / "logs").glob("events.out.tfevents.*"):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(
+                    float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else None
+                )
+    assert tags["val_bleu"] == [20.0, 30.0, 25.0, 15.0]
+    assert tags["val_bleu/second"] == SCRIPTED_SETS["second"]
+    assert tags[f"val_bleu/{first_name}"] == SCRIPTED_SETS["first"]
+
+
+def test_validation_sets_with_the_same_name_are_refused(corpus):
+    from translator.config import ConfigError
+
+    twice = f"[{{corpus: '{corpus}', split: val}}]"
+    with pytest.raises(ConfigError, match=r"two validation sets are named .*give it another split"):
+        load_config("configs/tiny.yaml", tiny_overrides(corpus, **{"data.extra_validation": twice}))
+
+
+def test_plot_training_draws_each_validation_set(tmp_path):
+    from translator.plotting import plot_training
+
+    records = [
+        {"step": s, "loss": 3.0 - s / 100, "val_bleu": m, "val_bleu_sets": {"a": a, "b": b}}
+        for s, m, a, b in ((10, 20.0, 30.0, 10.0), (20, 30.0, 20.0, 40.0))
+    ]
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    original = plt.Axes.plot
+
+    def plot(ax, *args, **kwargs):
+        drawn.append((kwargs.get("label"), [list(a) for a in args[:2]]))
+        return original(ax, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Axes, "plot", plot)
+        plot_training(records, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    bleu_lines = {label: xy for label, xy in drawn if label is not None}
+    assert bleu_lines == {
+        "mean of the sets": [[10, 20], [20.0, 30.0]],
+        "a": [[10, 20], [30.0, 20.0]],
+        "b": [[10, 20], [10.0, 40.0]],
+    }
 
 
 # -- the loss against NumPy ------------------------------------------------------------------

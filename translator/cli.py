@@ -28,11 +28,18 @@ def cmd_train(args) -> int:
     if not summary["chief"]:
         print(f"trained {summary['steps']} steps; the chief wrote the run directory {run_dir}")
         return 0
+    sets = summary.get("best_val_bleu_sets")
+    detail = f" (mean of {', '.join(f'{k} {v:.2f}' for k, v in sets.items())})" if sets else ""
     print(
         f"trained {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} min; "
-        f"best validation BLEU {summary['best_val_bleu']}; model: {run_dir}/model.keras"
+        f"best validation BLEU {_bleu(summary['best_val_bleu'])}{detail}; "
+        f"model: {run_dir}/model.keras"
     )
     return 0
+
+
+def _bleu(value) -> str:
+    return "none (no validation ran)" if value is None else f"{value:.2f}"
 
 
 def cmd_average(args) -> int:

@@ -32,6 +32,19 @@ class CorpusSpec(_Section):
     weight: Annotated[float, Field(gt=0)] = 1.0  # sampling weight in a mixture
 
 
+class ValidationSet(_Section):
+    corpus: str = Field(description="a corpus name, as in data.corpora")
+    split: str
+    # At most this many sentences of the split are translated at each validation (0: all).
+    size: Annotated[int, Field(ge=0)] = 0
+    # How the set is named in the log, the history and TensorBoard (default: corpus.split).
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.corpus}.{self.split}"
+
+
 class DataConfig(_Section):
     # Training corpora; several make a weighted mixture.
     corpora: list[CorpusSpec] = [CorpusSpec(name="multi30k")]
@@ -42,6 +55,30 @@ class DataConfig(_Section):
     validation_split: str = "val"
     # At most this many validation sentences are translated at each evaluation (0: all).
     validation_size: Annotated[int, Field(ge=0)] = 0
+    # More sets scored at each validation, e.g. one per domain of a mixture. With any, the
+    # validation BLEU that picks the best checkpoint (model.keras) and drives early stopping is
+    # the mean of every set's BLEU, the set above included; each set's own BLEU goes to the log,
+    # the checkpoints' history and TensorBoard (val_bleu/<name>).
+    extra_validation: list[ValidationSet] = []
+
+    def validation_sets(self) -> list[ValidationSet]:
+        """Every set a validation scores: `validation_corpus`'s split first, then the extras."""
+        first = ValidationSet(
+            corpus=self.validation_corpus, split=self.validation_split, size=self.validation_size
+        )
+        return [first, *self.extra_validation]
+
+    @model_validator(mode="after")
+    def _check_validation_names(self):
+        labels = [v.label for v in self.validation_sets()]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(
+                f"two validation sets are named {twice[0]!r} (data.validation_corpus/split and "
+                "data.extra_validation): drop one, or give it another split or a `name`"
+            )
+        return self
+
     # Pairs with a side longer than this many subwords are dropped (and counted in the log).
     max_length: Annotated[int, Field(ge=2, le=1024)] = 80
     # Tokens per batch (source + target padded lengths drive the bucket sizes).

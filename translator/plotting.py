@@ -98,7 +98,8 @@ def plot_training(history, path, title=None, step_offset=0, baseline=None, dpi=1
 
     Args:
         history: A run directory, or its list of per-checkpoint records (`step`, `loss`, and
-            `val_bleu` when validation ran).
+            `val_bleu` when validation ran, and `val_bleu_sets` with several validation sets:
+            each is drawn too, the mean in bold).
         path: Output file; the format follows the extension.
         title: Figure title (default: the run directory's name, or none).
         step_offset: Added to every step: a run started with `--init-from` from a model trained
@@ -129,7 +130,18 @@ def plot_training(history, path, title=None, step_offset=0, baseline=None, dpi=1
     bleu_ax.set(title="validation BLEU", xlabel="optimizer step", ylabel="BLEU")
     if validated:
         x, y = zip(*validated, strict=True)
-        bleu_ax.plot(x, y, "o-", color="tab:green", label="this run")
+        several = any("val_bleu_sets" in h for h in history)
+        bleu_ax.plot(
+            x, y, "o-", color="tab:green", label="mean of the sets" if several else "this run"
+        )
+        names = dict.fromkeys(n for h in history for n in h.get("val_bleu_sets", {}))
+        for name in names:  # each set of data.extra_validation's runs, thin and dashed
+            points = [
+                (h["step"] + step_offset, h["val_bleu_sets"][name])
+                for h in history
+                if name in h.get("val_bleu_sets", {})
+            ]
+            bleu_ax.plot(*zip(*points, strict=True), ".--", linewidth=1, alpha=0.8, label=name)
         best = max(range(len(y)), key=y.__getitem__)
         bleu_ax.annotate(
             f"best {y[best]:.2f} (step {x[best]})",

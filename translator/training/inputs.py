@@ -170,13 +170,16 @@ def batch_maker(config: Config, source_tokenizer, target_tokenizer):
     return training_batches
 
 
-def load_validation(config: Config) -> tuple[list[str], list[list[str]]]:
-    """`(sources, reference lists)` of the validation split, cut to `data.validation_size`."""
-    validation = corpora.load_references(
-        config.data.validation_corpus,
-        config.data.validation_split,
-        data_dir=config.data.data_dir,
-    )
-    if config.data.validation_size:
-        validation = validation[: config.data.validation_size]
-    return [s for s, _ in validation], [r for _, r in validation]
+def load_validation(config: Config) -> list[tuple[str, list[str], list[list[str]]]]:
+    """`(name, sources, reference lists)` of every validation set, each cut to its size.
+
+    The set of `data.validation_corpus`/`validation_split` comes first, then
+    `data.extra_validation`'s, in their order.
+    """
+    sets = []
+    for spec in config.data.validation_sets():
+        pairs = corpora.load_references(spec.corpus, spec.split, data_dir=config.data.data_dir)
+        if spec.size:
+            pairs = pairs[: spec.size]
+        sets.append((spec.label, [s for s, _ in pairs], [r for _, r in pairs]))
+    return sets

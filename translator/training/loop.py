@@ -348,6 +348,9 @@ def _finish(run: _Run, model, state: dict, precision: str, elapsed: float) -> di
         "run_dir": str(run.run_dir),
         "chief": run.topology.chief,
     }
+    best = [h for h in state.get("history", []) if h.get("step") == best_step and "val_bleu" in h]
+    if best and "val_bleu_sets" in best[-1]:
+        summary["best_val_bleu_sets"] = best[-1]["val_bleu_sets"]
     if not run.topology.chief:
         return summary
     if best_step is not None:
