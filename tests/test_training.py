@@ -248,6 +248,93 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
         check_run_dir(tmp_path / "run")
 
 
+def test_rescore_scores_each_checkpoint_as_evaluate_does(uninterrupted, corpus):
+    from translator.evaluation import evaluate
+    from translator.inference import load
+    from translator.training.rescoring import rescore_checkpoints
+
+    run_dir, _ = uninterrupted
+    before = (run_dir / "model.keras").read_bytes()
+    extra = f"data.extra_validation=[{{corpus: '{corpus}', split: train, size: 12, name: t12}}]"
+    result = rescore_checkpoints(run_dir, [extra], last=2, out=None)
+    paths = ckpt.list_checkpoints(run_dir / "checkpoints")[-2:]
+    assert [r["checkpoint"] for r in result["rows"]] == [p.name for p in paths]
+    assert result["sets"] == [f"{corpus}.val", "t12"] and not result["kept"]
+    # The reference: each checkpoint's weights in a freshly loaded translator, through evaluate.
+    reference = load(run_dir)
+    val = [line.strip() for line in open(corpus.split(":", 1)[1].split(",")[0].format(split="val"))]
+    val_fr = corpus.split(",")[1].format(split="val")
+    train = corpus.split(":", 1)[1].split(",")[0].format(split="train")
+    train_fr = corpus.split(",")[1].format(split="train")
+    sets = {
+        f"{corpus}.val": (val, [[f.strip()] for f in open(val_fr)]),
+        "t12": (
+            [e.strip() for e in open(train)][:12],
+            [[f.strip()] for f in open(train_fr)][:12],
+        ),
+    }
+    for row, path in zip(result["rows"], paths, strict=True):
+        reference.model.load_weights(path / "model.weights.h5")
+        for name, (sources, references) in sets.items():
+            expected = evaluate(reference, sources, references, progress=False)["bleu"]
+            assert row["bleu"][name] == pytest.approx(expected, abs=0.01), (path.name, name)
+        assert row["mean"] == pytest.approx(sum(row["bleu"].values()) / 2, abs=0.01)
+    assert (run_dir / "model.keras").read_bytes() == before  # without --keep-best: read-only
+    assert not (run_dir / "rescore.json").exists()
+
+
+def test_rescore_keep_best_writes_the_best_mean_as_model_keras(uninterrupted, tmp_path):
+    import shutil
+
+    import keras
+
+    import translator.scoring
+    from translator.training import RunDirLock
+    from translator.training.rescoring import rescore_checkpoints
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    paths = ckpt.list_checkpoints(run_dir / "checkpoints")
+    assert len(paths) >= 3
+    # Scripted BLEU: the oldest checkpoint is the best, so the newest (what training keeps as
+    # model.keras here) is not.
+    scripted = iter([40.0] + [10.0] * (len(paths) - 1))
+
+    class Score:
+        def __init__(self, value):
+            self.score = value
+
+    def bleu_chrf(hypotheses, references):
+        return Score(next(scripted)), Score(0.0), "", ""
+
+    before = (run_dir / "model.keras").read_bytes()
+    training = RunDirLock(run_dir)  # a training running there: refused, nothing written
+    training.acquire()
+    try:
+        with pytest.raises(OSError, match="in use by another training"):
+            rescore_checkpoints(run_dir, keep_best=True, out=None)
+    finally:
+        training.release()
+    assert not (run_dir / "rescore.json").exists()
+    assert (run_dir / "model.keras").read_bytes() == before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(translator.scoring, "bleu_chrf", bleu_chrf)
+        result = rescore_checkpoints(run_dir, keep_best=True, out=None)
+    assert result["best"]["checkpoint"] == paths[0].name and result["kept"]
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    kept = model.get_weights()
+    model.load_weights(paths[0] / "model.weights.h5")
+    for got, expected in zip(kept, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    record = json.loads((run_dir / "rescore.json").read_text())
+    assert record["best"]["checkpoint"] == paths[0].name
+    assert [r["mean"] for r in record["rows"]] == [40.0] + [10.0] * (len(paths) - 1)
+
+    proc = run_cli(["rescore", "--run-dir", str(tmp_path / "nothing")])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "is not a training run: it has no config.yaml" in out, out
+
+
 def test_a_second_run_in_the_same_run_dir_is_refused_at_once(corpus, tmp_path):
     import socket
 

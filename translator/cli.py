@@ -50,6 +50,25 @@ def cmd_average(args) -> int:
     return 0
 
 
+def cmd_rescore(args) -> int:
+    from translator.training.rescoring import rescore_checkpoints
+
+    result = rescore_checkpoints(args.run_dir, args.set or (), args.last, args.keep_best)
+    names = result["sets"]
+    print("| checkpoint | step | " + " | ".join(names) + " | mean | recorded in training |")
+    print("|---|---|" + "---|" * len(names) + "---|---|")
+    for row in result["rows"]:
+        best = row is result["best"]
+        mean = f"**{row['mean']:.2f}**" if best else f"{row['mean']:.2f}"
+        recorded = "" if row["recorded"] is None else f"{row['recorded']:.2f}"
+        cells = " | ".join(f"{row['bleu'][n]:.2f}" for n in names)
+        print(f"| {row['checkpoint']} | {row['step']} | {cells} | {mean} | {recorded} |")
+    best = result["best"]
+    kept = "; it is now the run's model.keras" if result["kept"] else " (--keep-best keeps it)"
+    print(f"best by the mean of {len(names)} set(s): {best['checkpoint']}{kept}")
+    return 0
+
+
 def cmd_plot_training(args) -> int:
     from translator.plotting import plot_training
 
@@ -516,6 +535,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=4, help="newest checkpoints to average (4)")
     p.add_argument("--out", help="output directory (default: <run-dir>/averaged-<last>)")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser(
+        "rescore",
+        help="score a run's checkpoints on its validation sets; optionally keep the best",
+        description="Scores each kept checkpoint of a run on the validation sets of its "
+        "config.yaml (the first set and data.extra_validation), or on others given with --set, "
+        "and prints each one's BLEU and their mean. --keep-best makes the checkpoint with the "
+        "best mean the run's model.keras and writes the table to rescore.json.",
+    )
+    p.add_argument("--run-dir", required=True, help="training run directory")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the run's config, e.g. "
+        "'data.extra_validation=[{corpus: tatoeba, split: validation}]' or "
+        "decoding.length_penalty=1.0",
+    )
+    p.add_argument("--last", type=int, help="score only the newest N checkpoints (default: all)")
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="write the best checkpoint by the mean BLEU as the run's model.keras",
+    )
+    p.set_defaults(func=cmd_rescore)
 
     p = sub.add_parser(
         "shortlist",

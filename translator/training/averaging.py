@@ -80,7 +80,8 @@ def average_checkpoints(run_dir, last: int, out_dir=None) -> Path:
     record = {
         "run_dir": str(run_dir),
         "checkpoints": [
-            {"name": p.name, "step": s.get("step"), "val_bleu": _val_bleu(s)} for p, s in good
+            {"name": p.name, "step": s.get("step"), "val_bleu": recorded_val_bleu(s)}
+            for p, s in good
         ],
     }
     atomic_write(out_dir / "average.json", json.dumps(record, indent=1))
@@ -138,7 +139,7 @@ def _mean_weights(model, paths: list[Path]) -> list[np.ndarray]:
     ]
 
 
-def _val_bleu(state: dict) -> float | None:
+def recorded_val_bleu(state: dict) -> float | None:
     """The validation BLEU a checkpoint's state recorded at its own step, if any."""
     history = state.get("history") or [{}]
     return history[-1].get("val_bleu") if history[-1].get("step") == state.get("step") else None
