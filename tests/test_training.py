@@ -295,10 +295,15 @@ def test_rescore_keep_best_writes_the_best_mean_as_model_keras(uninterrupted, tm
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], run_dir)
     paths = ckpt.list_checkpoints(run_dir / "checkpoints")
-    assert len(paths) >= 3
-    # Scripted BLEU: the oldest checkpoint is the best, so the newest (what training keeps as
-    # model.keras here) is not.
-    scripted = iter([40.0] + [10.0] * (len(paths) - 1))
+    trained_best = json.loads((run_dir / "summary.json").read_text())["best_step"]
+    # Scripted BLEU: the best is a checkpoint other than the one training kept as model.keras
+    # (the newest of the others), and a tie with it comes later: the older one wins ties.
+    chosen = [p for p in paths if p.name != f"ckpt-{trained_best:08d}"][-1]
+    values = {p.name: 10.0 for p in paths}
+    values[chosen.name] = 40.0
+    if chosen != paths[-1]:
+        values[paths[-1].name] = 40.0
+    scripted = iter([v for p in paths for v in [values[p.name]]])
 
     class Score:
         def __init__(self, value):
@@ -320,15 +325,25 @@ def test_rescore_keep_best_writes_the_best_mean_as_model_keras(uninterrupted, tm
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(translator.scoring, "bleu_chrf", bleu_chrf)
         result = rescore_checkpoints(run_dir, keep_best=True, out=None)
-    assert result["best"]["checkpoint"] == paths[0].name and result["kept"]
+    assert result["best"]["checkpoint"] == chosen.name and result["kept"]
+    assert (run_dir / "model.keras").read_bytes() != before
     model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     kept = model.get_weights()
-    model.load_weights(paths[0] / "model.weights.h5")
+    model.load_weights(chosen / "model.weights.h5")
     for got, expected in zip(kept, model.get_weights(), strict=True):
         np.testing.assert_array_equal(got, expected)
     record = json.loads((run_dir / "rescore.json").read_text())
-    assert record["best"]["checkpoint"] == paths[0].name
-    assert [r["mean"] for r in record["rows"]] == [40.0] + [10.0] * (len(paths) - 1)
+    assert record["best"]["checkpoint"] == chosen.name
+    assert [r["mean"] for r in record["rows"]] == [values[p.name] for p in paths]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_step"] == int(chosen.name.split("-")[1])
+    assert summary["best_val_bleu"] == 40.0 and "rescore" in summary["selected_by"]
+
+    # A run without model.keras (still training, or killed) is rescored from its config.
+    (run_dir / "model.keras").unlink()
+    rows = rescore_checkpoints(run_dir, last=1, out=None)["rows"]
+    reference = rescore_checkpoints(uninterrupted[0], last=1, out=None)["rows"]
+    assert rows == reference
 
     proc = run_cli(["rescore", "--run-dir", str(tmp_path / "nothing")])
     out, _ = proc.communicate(timeout=300)
@@ -765,12 +780,54 @@ def test_several_validation_sets_pick_the_best_checkpoint_by_their_mean(corpus, 
     assert tags[f"val_bleu/{first_name}"] == SCRIPTED_SETS["first"]
 
 
+def test_resume_with_other_validation_sets_starts_the_best_afresh(corpus, tmp_path, caplog):
+    import logging
+
+    from translator.training import train
+    from translator.training.callback import TrainingMonitor
+
+    first = iter([30.0, 20.0])
+    config = load_config(
+        "configs/tiny.yaml", tiny_overrides(corpus, **{"training.max_steps": "20"})
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainingMonitor, "score", lambda self, sources, refs: next(first))
+        patch.setenv("TRANSLATOR_QUIET", "1")
+        assert train(config, tmp_path / "run")["best_step"] == 10
+        # Resumed with a second set: means of 10 (steps 30 and 40) must not lose to the one-set
+        # 30 of step 10, a figure of another measure.
+        more = f"[{{corpus: '{corpus}', split: train, size: 5, name: second}}]"
+        settings = {"training.max_steps": "40", "data.extra_validation": more}
+        config = load_config("configs/tiny.yaml", tiny_overrides(corpus, **settings))
+        second = iter([5.0, 15.0, 8.0, 12.0])
+        patch.setattr(TrainingMonitor, "score", lambda self, sources, refs: next(second))
+        with caplog.at_level(logging.WARNING, logger="translator.training.callback"):
+            summary = train(config, tmp_path / "run", resume=True)
+    assert "the validation sets changed" in caplog.text
+    assert summary["best_step"] == 30 and summary["best_val_bleu"] == 10.0
+
+
 def test_validation_sets_with_the_same_name_are_refused(corpus):
     from translator.config import ConfigError
 
     twice = f"[{{corpus: '{corpus}', split: val}}]"
     with pytest.raises(ConfigError, match=r"two validation sets are named .*give it another split"):
         load_config("configs/tiny.yaml", tiny_overrides(corpus, **{"data.extra_validation": twice}))
+
+
+def test_an_empty_extra_validation_set_is_refused_before_training(corpus, tmp_path):
+    from translator.training import train
+
+    (tmp_path / "empty.en").write_text("")
+    (tmp_path / "empty.fr").write_text("")
+    empty = f"files:{tmp_path}/empty.en,{tmp_path}/empty.fr"
+    more = f"[{{corpus: '{empty}', split: val, name: empty}}]"
+    config = load_config(
+        "configs/tiny.yaml", tiny_overrides(corpus, **{"data.extra_validation": more})
+    )
+    with pytest.raises(ValueError, match=r"empty\.en .*: no usable sentence pairs"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_plot_training_draws_each_validation_set(tmp_path):

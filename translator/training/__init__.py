@@ -4,12 +4,13 @@ Modules, each with one job:
 
 - `objectives`: the masked loss, token metrics and learning-rate schedule.
 - `building`: the model and optimizer from a config, the dtype policy, `save_model`.
-- `inputs`: the run directory check and lock, SentencePiece models, training batches, validation set.
+- `inputs`: the run directory check and lock, SentencePiece models, training batches, validation sets.
 - `init_from`: starting from a trained model (`training.init_from`).
 - `distribution`: `tf.distribute` strategies and every workaround for Keras under them.
 - `callback`: checkpoints, validation BLEU and stopping at the end of each chunk.
 - `loop`: `train()`.
 - `averaging`: `average_checkpoints`.
+- `rescoring`: `rescore_checkpoints`, the checkpoints scored again after training.
 
 `python -m translator.train --config ...` (translator/train.py) is `translator train --config ...`.
 """

@@ -48,6 +48,25 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.agree = agree
         self.chunk_start = time.time()
         self.train_start = time.time() - state.get("train_seconds", 0.0)
+        if validation is not None:
+            self._check_validation_sets([name for name, _, _ in validation])
+
+    def _check_validation_sets(self, names: list[str]) -> None:
+        """A resumed run whose validation sets changed starts its best BLEU afresh: a mean of
+        other sets is not comparable with the best recorded before (a state written before
+        several sets existed had one set, taken to be the first one now)."""
+        before = self.state.get("val_sets", names[:1])
+        if "best_bleu" in self.state and before != names:
+            log.warning(
+                "the validation sets changed since step %s's best (%s, now %s): the best "
+                "checkpoint and early stopping start afresh from this run's next validation",
+                self.state.get("best_step"),
+                ", ".join(before),
+                ", ".join(names),
+            )
+            for key in ("best_bleu", "best_step", "stale"):
+                self.state.pop(key, None)
+        self.state["val_sets"] = names
 
     def optimizer_step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())

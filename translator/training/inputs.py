@@ -181,5 +181,10 @@ def load_validation(config: Config) -> list[tuple[str, list[str], list[list[str]
         pairs = corpora.load_references(spec.corpus, spec.split, data_dir=config.data.data_dir)
         if spec.size:
             pairs = pairs[: spec.size]
+        if not pairs:
+            raise ValueError(
+                f"validation set {spec.label} ({spec.corpus} split {spec.split}) has no "
+                "sentences: check the corpus files, or name another split"
+            )
         sets.append((spec.label, [s for s, _ in pairs], [r for _, r in pairs]))
     return sets

@@ -210,11 +210,12 @@ def _train_in_precision(run: _Run, precision: str) -> dict:
         )
 
     chief_decides = chief_decision(run.strategy) if topology.multi_worker else None
+    # The validation sets first: a misnamed one fails before the corpora and tokenizers load.
+    validation = load_validation(config) if topology.chief else None
     train_pairs = load_training_pairs(config)
     source_tok, target_tok = _tokenizers(run, config, train_pairs, chief_decides)
     training_batches = batch_maker(config, source_tok, target_tok)
     dataset = None if topology.distributed else training_batches(train_pairs)
-    validation = load_validation(config) if topology.chief else None
 
     model = _build(run, config, source_tok.vocabulary_size(), target_tok.vocabulary_size())
     state = _restore_progress(run, model)
