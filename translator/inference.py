@@ -628,7 +628,7 @@ def load(path, **overrides) -> Translator:
     from translator.config import ConfigError, load_config
     from translator.shortlist import FILENAME as shortlist_file
     from translator.shortlist import Shortlist, ShortlistError
-    from translator.tokenizer import SentencePieceTokenizer, sentencepiece_files
+    from translator.tokenizer import load_tokenizers
 
     path = Path(path)
     model_file = path
@@ -656,18 +656,13 @@ def load(path, **overrides) -> Translator:
     source_tokenizer = getattr(model, "source_tokenizer", None)
     target_tokenizer = getattr(model, "target_tokenizer", None)
     if source_tokenizer is None or target_tokenizer is None:
-        files = sentencepiece_files(path)
-        if files is None:
+        tokenizers = load_tokenizers(path)
+        if tokenizers is None:
             raise FileNotFoundError(
                 f"{model_file} carries no tokenizer and {path} has no SentencePiece model "
                 "(spm.model, or spm.source.model and spm.target.model)"
             )
-        source_tokenizer = SentencePieceTokenizer(model_path=str(files[0]))
-        target_tokenizer = (
-            source_tokenizer
-            if files[0] == files[1]
-            else SentencePieceTokenizer(model_path=str(files[1]))
-        )
+        source_tokenizer, target_tokenizer = tokenizers
     kwargs = {}
     if (path / "config.yaml").is_file():
         try:

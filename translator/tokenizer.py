@@ -435,3 +435,15 @@ class SentencePieceTokenizer(keras.layers.Layer):
 
     def load_assets(self, dir_path):
         self._set_proto(_read_proto(os.path.join(dir_path, PROTO_FILENAME)))
+
+
+def load_tokenizers(directory):
+    """`(source, target)` `SentencePieceTokenizer`s of the model files in `directory` (one
+    object twice for a joint `spm.model`; see `sentencepiece_files`), or `None` when there are
+    none."""
+    files = sentencepiece_files(directory)
+    if files is None:
+        return None
+    source = SentencePieceTokenizer(model_path=str(files[0]))
+    target = source if files[0] == files[1] else SentencePieceTokenizer(model_path=str(files[1]))
+    return source, target

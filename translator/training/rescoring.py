@@ -108,20 +108,19 @@ def _run_model(run_dir: Path, config):
     """`(model, source tokenizer, target tokenizer)` of a run: its model.keras, or a model
     built from its config.yaml (a run still training, or stopped before its end, has none)."""
     from translator.inference import load
-    from translator.tokenizer import SentencePieceTokenizer, sentencepiece_files
+    from translator.tokenizer import load_tokenizers
     from translator.training.building import build_model
 
     if (run_dir / "model.keras").is_file():
         base = load(run_dir, shortlist=None, compute_dtype="float32")
         return base.model, base.source_tokenizer, base.target_tokenizer
-    files = sentencepiece_files(run_dir)
-    if files is None:
+    tokenizers = load_tokenizers(run_dir)
+    if tokenizers is None:
         raise FileNotFoundError(
             f"{run_dir} has neither model.keras nor its SentencePiece model (spm.model, or "
             "spm.source.model and spm.target.model): is it a training run?"
         )
-    source = SentencePieceTokenizer(model_path=str(files[0]))
-    target = source if files[0] == files[1] else SentencePieceTokenizer(model_path=str(files[1]))
+    source, target = tokenizers
     model = build_model(config, source.vocabulary_size(), target.vocabulary_size())
     return model, source, target
 
