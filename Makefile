@@ -20,7 +20,9 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/translator translate --model saved_models/en-fr --scores \
 	  "A man in an orange hat is looking at something." \
-	  "Two young girls are playing in the snow." \
+	  "This function returns a list of all the files in the directory." \
+	  "The president met the prime minister in Paris." \
+	  "The committee approved the budget for next year." \
 	  "I don't think Tom knows where Mary lives."
 
 # The quick start: a tiny model trained on Multi30k in about a minute.

@@ -3,7 +3,7 @@
 Each session continued (`--init-from`) from the checkpoint the one before it kept, so the x axis
 chains them: a session starts at the step count of the checkpoint it started from. Dev is
 newstest2013's first 600 sentences, beam 5, length penalty 1.5 (the config's validation). The
-figures are those of the model card (saved_models/en-fr-general/README.md), copied here because
+figures are those of the model card (saved_models/en-fr/README.md), copied here because
 the run directories are not kept in the repository.
 
     python docs/general_sessions.py
@@ -75,6 +75,22 @@ SESSIONS = [
         ],
         4500,
     ),
+    (
+        "8: more captions, anneal 0.0003 (shipped)",
+        [
+            (500, 16.15),
+            (1000, 16.11),
+            (1500, 16.79),
+            (2000, 16.86),
+            (2500, 16.15),
+            (3000, 17.16),
+            (3500, 16.85),
+            (4000, 17.35),
+            (4500, 17.28),
+            (5000, 17.13),
+        ],
+        5000,
+    ),
 ]
 
 
@@ -90,7 +106,7 @@ def main(path=Path(__file__).parent / "en-fr-general-sessions.png"):
         if kept is not None:
             offset += kept
     ax.set(
-        title="en-fr-general: dev BLEU by session (newstest2013[:600], beam 5)",
+        title="en-fr, the shipped model: dev BLEU by session (newstest2013[:600], beam 5)",
         xlabel="optimizer steps, sessions chained from each one's kept checkpoint",
         ylabel="BLEU",
     )
