@@ -2,8 +2,8 @@
 URLs, e-mail, code, names, capitals, quotes, lists, long sentences, blank lines and surrounding
 whitespace, from tests/hard_inputs.json.
 
-The model's French is not checked word for word (it is an 8.7M-parameter model trained on image
-captions and short everyday sentences); what is checked holds for any correct translation:
+The model's French is not checked word for word (it is an 8.7M-parameter model, at its best on
+image captions and short everyday sentences); what is checked holds for any correct translation:
 every input sentence gives a sentence of output, numbers, URLs and code come through verbatim,
 the output's length is in proportion to the input's, no word stutters, and the text keeps its
 line structure and surrounding whitespace. Cases the model itself gets wrong are marked in the
