@@ -303,7 +303,7 @@ def test_rescore_keep_best_writes_the_best_mean_as_model_keras(uninterrupted, tm
     values[chosen.name] = 40.0
     if chosen != paths[-1]:
         values[paths[-1].name] = 40.0
-    scripted = iter([v for p in paths for v in [values[p.name]]])
+    scripted = iter([values[p.name] for p in paths])
 
     class Score:
         def __init__(self, value):

@@ -19,9 +19,9 @@ their translations back into one text:
   translation (trois, quatre, cinq, ...; also its digits, 3, 4, 5, which the model sometimes
   writes). The caption model shipped until 2026-12-07 copied almost nothing verbatim (9% of the
   numbers of a sample with digits, and no rare token such as "X" or "#" survived), but
-  translated number words reliably: with these placeholders 80-95% of numbers come through verbatim. Numbers are not
-  localized: 3.5 stays 3.5 (not 3,5) and 1,000 stays 1,000 (an English text's 1.000 or 2.0.1
-  is not always a decimal). A protected span whose placeholder the model dropped is not lost:
+  translated number words reliably: with these placeholders 80-95% of numbers come through
+  verbatim. Numbers are not localized: 3.5 stays 3.5 (not 3,5) and 1,000 stays 1,000 (an
+  English text's 1.000 or 2.0.1 is not always a decimal). A protected span whose placeholder the model dropped is not lost:
   `restore` appends it, in parentheses, before the sentence's final punctuation.
 - **Long sentences.** With `max_tokens` and `count_tokens`, a unit over `max_tokens` subwords is
   cut at clause boundaries (";", ":", ",", then before a conjunction, then at a space) into
