@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from tests.tiny import SEPARATE_VOCABULARIES, tiny_overrides, write_corpus
@@ -51,6 +52,38 @@ def tiny_separate_run_dir(tmp_path_factory):
     """A tiny run with one SentencePiece model per language (spm.source.model and
     spm.target.model, of different sizes) and unshared embeddings."""
     return _train_tiny(tmp_path_factory, "tiny_separate_run", **SEPARATE_VOCABULARIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_run_dir(tmp_path_factory):
+    """A tiny run whose output projection is its (shared) embedding matrix, transposed: the
+    shipped model's architecture. Its weights are random (90 steps leave this one ending every
+    sentence at once): translations of a few pieces, which every weight changes."""
+    import keras
+
+    import translator  # noqa: F401 - registers translator's Keras objects
+    from tests.tiny import randomize_weights
+    from translator.tokenizer import EOS_ID
+    from translator.training import save_model
+
+    run_dir = _train_tiny(
+        tmp_path_factory,
+        "tiny_tied_run",
+        **{
+            "model.share_embeddings": "true",
+            "model.tie_embeddings": "true",
+            "model.embedding_dim": "32",  # = model.decoder_units
+            "training.max_steps": "10",
+            "training.steps_per_checkpoint": "10",
+        },
+    )
+    model = randomize_weights(keras.saving.load_model(run_dir / "model.keras"), seed=1, scale=0.3)
+    # Random weights put the end token's log-probability near everyone's (-4.5): beam search
+    # would end every sentence at once. An unlikely end makes it search to the length limit.
+    bias = model.decoder.output_bias_tied
+    bias.assign(bias.numpy() - 30.0 * (np.arange(bias.shape[0]) == EOS_ID))
+    save_model(model, run_dir / "model.keras")
+    return run_dir
 
 
 @pytest.fixture(scope="session")

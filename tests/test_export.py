@@ -163,6 +163,59 @@ def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, t
     assert [t.decode() for t in out["translation"].numpy()] == [r.text for r in expected]
 
 
+def test_working_weights_are_saved_empty_and_filled_by_the_first_call(tiny_tied_run_dir, tmp_path):
+    """What decoding reads is computed by a loaded export's first call and kept: the float16
+    weights cast to float32 and the tied output kernel (the embedding matrix, transposed).
+    Saved empty, they leave the export its size; and the first call, later calls and first
+    calls made at once by several threads all translate as the Python API."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tensorflow as tf
+
+    from translator.export import export
+    from translator.inference import load
+
+    def call(loaded):
+        out = loaded.signatures["translate"](
+            text=tf.constant(TEXTS),
+            beam_size=tf.constant(3),
+            n_best=tf.constant(1),
+            length_penalty=tf.constant(0.6),
+        )
+        return [t.decode() for t in out["translations"][:, 0].numpy()], out["scores"][:, 0]
+
+    def check(result):
+        texts, scores = result
+        assert texts == expected_texts
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+    for weights_dtype in ("float16", "float32"):
+        out = tmp_path / weights_dtype
+        version = export(tiny_tied_run_dir, out, weights_dtype=weights_dtype)
+        results = load(out).translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
+        expected_texts, expected_scores = [r.text for r in results], [r.score for r in results]
+        assert any(expected_texts)
+        loaded = tf.saved_model.load(str(version))
+        working = loaded.working_weights
+        assert all(w.numpy().size == 0 for w in working)
+        check(call(loaded))  # fills them
+        check(call(loaded))  # reads them
+        stored = getattr(loaded, "stored_weights", [])
+        assert len(working) == len(stored) + 1  # + the output kernel
+        for w, s in zip(working[:-1], stored, strict=True):
+            np.testing.assert_array_equal(w.numpy(), s.numpy().astype(np.float32))
+        weights = [*stored, *loaded.model_variables]  # float16, or float32 (and int seeds)
+        (embedding,) = [v for v in weights if "embedding" in v.name]
+        np.testing.assert_array_equal(working[-1].numpy(), embedding.numpy().astype(np.float32).T)
+        stored_bytes = sum(v.numpy().nbytes for v in weights)
+        data = sum(p.stat().st_size for p in (version / "variables").iterdir())
+        assert data < 1.05 * stored_bytes + 10_000
+        fresh = tf.saved_model.load(str(version))
+        with ThreadPoolExecutor(4) as pool:
+            for result in pool.map(call, [fresh] * 4):
+                check(result)
+
+
 def translate_beam_3(version):
     """The `translate` signature of SavedModel `version` on TEXTS, beam 3, length penalty 0.6."""
     import tensorflow as tf

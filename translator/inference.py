@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,6 +420,17 @@ class Translator:
         if vocabulary is not None:  # positions in the shortlist -> target ids
             ids = tf.gather(vocabulary, ids)
         return ids, lengths, scores, alignments
+
+    @contextlib.contextmanager
+    def output_kernel(self, kernel):
+        """Traces `translate_tensors` with the tied output kernel given, `(units, vocab)`, for
+        every compute path (see `AttentionDecoder.output_kernel`): for a caller that keeps the
+        transposed embedding matrix across calls, as the SavedModel does."""
+        with contextlib.ExitStack() as stack:
+            for model in (self.model, self._bfloat16_model):
+                if model is not None:
+                    stack.enter_context(model.decoder.output_kernel(kernel))
+            yield
 
     def _decode_in_bfloat16(self, *args):
         """`_decode` with the bfloat16 copy, every read of its variables mapped to the value of
