@@ -57,8 +57,9 @@ def tiny_separate_run_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tied_run_dir(tmp_path_factory):
     """A tiny run whose output projection is its (shared) embedding matrix, transposed: the
-    shipped model's architecture. Its weights are random (90 steps leave this one ending every
-    sentence at once): translations of a few pieces, which every weight changes."""
+    shipped model's architecture. It trains for 10 steps, then gets random weights (trained,
+    this small tied model ends every sentence at once): its translations are long strings of
+    pieces, which every weight changes."""
     import keras
 
     import translator  # noqa: F401 - registers translator's Keras objects

@@ -163,11 +163,24 @@ def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, t
     assert [t.decode() for t in out["translation"].numpy()] == [r.text for r in expected]
 
 
-def test_working_weights_are_saved_empty_and_filled_by_the_first_call(tiny_tied_run_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("weights_dtype", "options"),
+    [
+        ("float16", {}),
+        ("float32", {}),
+        ("float16", {"compute_dtype": "adaptive", "bfloat16_rows": 1}),  # the bfloat16 copy
+        ("float16", {"projection_dtype": "bfloat16"}),
+    ],
+)
+def test_working_weights_are_saved_empty_and_filled_by_the_first_call(
+    tiny_tied_run_dir, tmp_path, weights_dtype, options
+):
     """What decoding reads is computed by a loaded export's first call and kept: the float16
     weights cast to float32 and the tied output kernel (the embedding matrix, transposed).
-    Saved empty, they leave the export its size; and the first call, later calls and first
-    calls made at once by several threads all translate as the Python API."""
+    Saved empty, they leave the export its size; the first call, later calls (which read them:
+    a changed kernel changes their output) and first calls made at once by several threads all
+    translate as the Python API, on every compute path; and so does TF1's loader, the C++
+    loader TF Serving uses."""
     from concurrent.futures import ThreadPoolExecutor
 
     import tensorflow as tf
@@ -189,31 +202,49 @@ def test_working_weights_are_saved_empty_and_filled_by_the_first_call(tiny_tied_
         assert texts == expected_texts
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
-    for weights_dtype in ("float16", "float32"):
-        out = tmp_path / weights_dtype
-        version = export(tiny_tied_run_dir, out, weights_dtype=weights_dtype)
-        results = load(out).translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
-        expected_texts, expected_scores = [r.text for r in results], [r.score for r in results]
-        assert any(expected_texts)
-        loaded = tf.saved_model.load(str(version))
-        working = loaded.working_weights
-        assert all(w.numpy().size == 0 for w in working)
-        check(call(loaded))  # fills them
-        check(call(loaded))  # reads them
-        stored = getattr(loaded, "stored_weights", [])
-        assert len(working) == len(stored) + 1  # + the output kernel
-        for w, s in zip(working[:-1], stored, strict=True):
-            np.testing.assert_array_equal(w.numpy(), s.numpy().astype(np.float32))
-        weights = [*stored, *loaded.model_variables]  # float16, or float32 (and int seeds)
-        (embedding,) = [v for v in weights if "embedding" in v.name]
-        np.testing.assert_array_equal(working[-1].numpy(), embedding.numpy().astype(np.float32).T)
-        stored_bytes = sum(v.numpy().nbytes for v in weights)
-        data = sum(p.stat().st_size for p in (version / "variables").iterdir())
-        assert data < 1.05 * stored_bytes + 10_000
-        fresh = tf.saved_model.load(str(version))
-        with ThreadPoolExecutor(4) as pool:
-            for result in pool.map(call, [fresh] * 4):
-                check(result)
+    out = tmp_path / "export"
+    version = export(tiny_tied_run_dir, out, weights_dtype=weights_dtype, **options)
+    results = load(out).translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
+    expected_texts, expected_scores = [r.text for r in results], [r.score for r in results]
+    assert any(expected_texts)
+    loaded = tf.saved_model.load(str(version))
+    working = loaded.working_weights
+    assert all(w.numpy().size == 0 for w in working)
+    check(call(loaded))  # fills them
+    stored = getattr(loaded, "stored_weights", [])
+    assert len(working) == len(stored) + 1  # + the output kernel
+    for w, s in zip(working[:-1], stored, strict=True):
+        np.testing.assert_array_equal(w.numpy(), s.numpy().astype(np.float32))
+    weights = [*stored, *loaded.model_variables]  # float16, or float32 (and int seeds)
+    (embedding,) = [v for v in weights if "embedding" in v.name]
+    np.testing.assert_array_equal(working[-1].numpy(), embedding.numpy().astype(np.float32).T)
+    check(call(loaded))  # reads them ...
+    working[-1].assign(tf.zeros_like(working[-1]))
+    assert call(loaded)[0] != expected_texts  # ... and nothing else: a changed kernel shows
+    stored_bytes = sum(v.numpy().nbytes for v in weights)
+    data = sum(p.stat().st_size for p in (version / "variables").iterdir())
+    assert data < 1.05 * stored_bytes + 10_000
+    fresh = tf.saved_model.load(str(version))
+    with ThreadPoolExecutor(4) as pool:
+        for result in pool.map(call, [fresh] * 4):
+            check(result)
+    assert all(w.numpy().size > 0 for w in fresh.working_weights)
+    if options or weights_dtype != "float16":
+        return
+    code = f"""
+import json
+import tensorflow as tf, tensorflow_text
+with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], {str(version)!r})
+    signature = meta.signature_def["translate"]
+    values = dict(text={TEXTS!r}, beam_size=3, n_best=1, length_penalty=0.6)
+    feeds = {{signature.inputs[name].name: value for name, value in values.items()}}
+    fetches = [signature.outputs[name].name for name in ("translations", "scores")]
+    runs = [session.run(fetches, feeds) for _ in range(2)]  # fills, then reads
+print(json.dumps([[[t.decode() for t in texts[:, 0]], scores[:, 0].tolist()] for texts, scores in runs]))
+"""
+    for texts, scores in json.loads(run_python(code).strip().splitlines()[-1]):
+        check((texts, scores))
 
 
 def translate_beam_3(version):

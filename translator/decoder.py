@@ -309,7 +309,7 @@ class AttentionDecoder(keras.layers.Layer):
         from its first call, see `translator.export`): per call, the transpose of the (8000,
         512) matrix, and the (5, 512) x (512, 8000) product with `transpose_b` that grappler
         folds it into for the step before the loop, cost about 20 of the 80 ms a one-sentence
-        beam-5 call took on the 2-core EPYC. A no-op for untied embeddings.
+        beam-5 call took on the 2-core EPYC without AVX-512. A no-op for untied embeddings.
         """
         previous, self._output_kernel = self._output_kernel, kernel
         try:

@@ -57,9 +57,10 @@ class ServingModule(tf.Module):
     Args:
         translator: The `translator.inference.Translator` to export.
         weights_dtype: How the weights are stored: `"float32"`, or `"float16"`/`"bfloat16"` to
-            halve the SavedModel. Stored weights are cast to float32 when the graph reads them,
-            so the computation stays float32 (except the output projection when the
-            translator's `projection_dtype` is `"bfloat16"`).
+            halve the SavedModel. The first call casts them back to float32 and keeps them
+            (see `_working_weights`), so the computation stays float32 (except the output
+            projection when the translator's `projection_dtype` is `"bfloat16"`, and the calls
+            an adaptive graph runs in bfloat16, which cast the kept weights per call).
     """
 
     def __init__(self, translator: Translator, weights_dtype: str = "float32"):
@@ -150,12 +151,12 @@ class ServingModule(tf.Module):
         output kernel), computed by the first call and read from memory by every later one.
 
         Recomputed per call, they cost a one-sentence beam-5 call 31 of its 80 ms on the
-        2-core EPYC: about 11 ms to cast every float16 weight to float32, and about 20 ms to
-        transpose the (8000, 512) embedding matrix, whose `transpose_b` product grappler folds
-        into the step before the loop (README, Decoding). The variables start empty (saved
-        that way) and the first call fills them; calls running at the same time as the first
-        may fill them too, with the same values, and a call reads them only once they are all
-        filled.
+        2-core EPYC without AVX-512: about 11 ms to cast every float16 weight to float32, and
+        about 20 ms to transpose the (8000, 512) embedding matrix, whose `transpose_b` product
+        grappler folds into the step before the loop (README, Benchmarks). The variables start
+        empty (saved that way) and the first call fills them; calls running at the same time as
+        the first may fill them too, with the same values, and a call reads them only once they
+        are all filled.
         """
         caches, shapes = self.working_weights, self._working_shapes.value
         if not caches:
@@ -177,10 +178,11 @@ class ServingModule(tf.Module):
             with tf.control_dependencies(assigns):
                 return [tf.identity(v) for v in values]
 
-        # The sizes from the variables' shapes, not from reads of their values: the
-        # predicate would read a variable that the `fill` branch assigns, and a read of it in
-        # the predicate was seen to run after that assignment (the first call then took the
-        # other branch and read empty values).
+        # The sizes from the variables' shapes, not from reads of their values. With
+        # `tf.size(c.read_value()) > 0` as the predicate, a first call inside a `tf.function`
+        # (TF 2.21) returned the empty values: its predicate's read already saw the values the
+        # `fill` branch assigns, and the other branch ran, reading the empty ones. Reads of a
+        # variable in the predicate and assignments to it in a branch are not ordered.
         sizes = [tf.reduce_prod(tf.raw_ops.VariableShape(input=c.handle)) for c in caches]
         filled = tf.reduce_all(tf.stack(sizes) > 0)
         values = tf.cond(filled, lambda: [c.read_value() for c in caches], fill)
