@@ -383,12 +383,13 @@ def test_auto_export_is_resolved_in_the_graph_and_kept_auto_for_load(
 ):
     """`compute_dtype="auto"`: the SavedModel is built for the exporting machine, its
     config.yaml keeps `auto` and the threshold, so `translator.load` of the export resolves it
-    on the machine where it runs (float32 where bfloat16 is emulated)."""
+    on the machine where it runs (float32 where bfloat16 is emulated), and so does
+    `load_saved_model` (the REST service's loader) with the SavedModel's own threshold."""
     import tensorflow as tf
 
     from translator import hardware
     from translator.config import load_config
-    from translator.export import export
+    from translator.export import export, load_saved_model
     from translator.inference import load
 
     def has_bfloat16_branch(version):
@@ -409,8 +410,32 @@ def test_auto_export_is_resolved_in_the_graph_and_kept_auto_for_load(
     decoding = load_config(tmp_path / "a" / "config.yaml").decoding
     assert (decoding.compute_dtype, decoding.bfloat16_rows) == ("auto", 6)
     assert load(tmp_path / "a").adaptive
+    # Loaded with `load_saved_model` (the REST service's loader), it decodes as built where
+    # bfloat16 is fast, and every call in float32 where it is not, as `load` would there.
+    float32 = load(tmp_path / "a", compute_dtype="float32")
+    bfloat16 = load(tmp_path / "a", compute_dtype="bfloat16")
+
+    def served(loaded):  # 12 rows, over the threshold
+        out = loaded.signatures["translate"](
+            text=tf.constant(TEXTS),
+            beam_size=tf.constant(3),
+            n_best=tf.constant(1),
+            length_penalty=tf.constant(0.6),
+        )
+        return out["scores"].numpy()[:, 0]
+
+    def expected(translator):
+        results = translator.translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
+        return [r.score for r in results]
+
+    assert expected(float32) != expected(bfloat16)  # so the scores tell which path ran
+    np.testing.assert_allclose(served(load_saved_model(version_a)[0]), expected(bfloat16), 1e-5)
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})  # emulated bfloat16
     assert not load(tmp_path / "a").adaptive
+    np.testing.assert_allclose(served(load_saved_model(version_a)[0]), expected(float32), 1e-5)
+    # An export asked for adaptive (not auto) decodes as built wherever it is loaded.
+    version_c = export(tiny_run_dir, tmp_path / "c", compute_dtype="adaptive", bfloat16_rows=6)
+    np.testing.assert_allclose(served(load_saved_model(version_c)[0]), expected(bfloat16), 1e-5)
     # Exported where bfloat16 is emulated: a float32 graph, and the threshold kept for others.
     version_b = export(tiny_run_dir, tmp_path / "b", compute_dtype="auto", bfloat16_rows=6)
     assert not has_bfloat16_branch(version_b)  # built float32

@@ -45,6 +45,8 @@ from translator.shortlist import FILENAME as SHORTLIST
 log = logging.getLogger("translator.export")
 
 SIGNATURES = ("serving_default", "translate")
+# The adaptive threshold that turns the bfloat16 path off (no call has that many rows).
+NO_BFLOAT16_ROWS = 2**31 - 1
 
 
 class ExportError(ValueError):
@@ -63,7 +65,7 @@ class ServingModule(tf.Module):
             an adaptive graph runs in bfloat16, which cast the kept weights per call).
     """
 
-    def __init__(self, translator: Translator, weights_dtype: str = "float32"):
+    def __init__(self, translator: Translator, weights_dtype: str = "float32", auto: bool = False):
         super().__init__(name="translator")
         if weights_dtype not in WEIGHT_DTYPES:
             raise ExportError(
@@ -114,6 +116,15 @@ class ServingModule(tf.Module):
             )
             for i, (_, dtype) in enumerate(specs)
         ]
+        if translator.adaptive:
+            # The rows from which a call decodes in bfloat16, a variable so that the process
+            # loading the SavedModel can raise it out of reach: `load_saved_model` does where
+            # the export was built for `auto` and this CPU has no bfloat16 instructions (the
+            # bfloat16 path, emulated there, is slower and decodes unlike `translator.load`).
+            self.bfloat16_rows = tf.Variable(
+                translator.bfloat16_rows, dtype=tf.int32, trainable=False, name="bfloat16_rows"
+            )
+            self.bfloat16_auto = tf.Variable(bool(auto), trainable=False, name="bfloat16_auto")
         self.beam_size = int(translator.beam_size)
         self.length_penalty = float(translator.length_penalty)
         self.coverage_penalty = float(translator.coverage_penalty)
@@ -141,7 +152,8 @@ class ServingModule(tf.Module):
         # to the variable's dtype, so the float32 variables are never captured (nor saved).
         mapping = [(v, value) for (v, _), value in zip(self._mapped.value, values, strict=True)]
         scope = keras.StatelessScope(state_mapping=mapping) if mapping else contextlib.nullcontext()
-        with scope, translator.output_kernel(kernel):
+        threshold = self.bfloat16_rows.read_value() if translator.adaptive else None
+        with scope, translator.output_kernel(kernel), translator.bfloat16_threshold(threshold):
             return translator.translate_tensors(
                 text, beam_size, n_best, length_penalty, tf.constant(self.coverage_penalty)
             )
@@ -283,8 +295,10 @@ def export_saved_model(
     return final
 
 
-def _write_saved_model(translator: Translator, path: Path, weights_dtype: str) -> None:
-    module = ServingModule(translator, weights_dtype)
+def _write_saved_model(
+    translator: Translator, path: Path, weights_dtype: str, auto: bool = False
+) -> None:
+    module = ServingModule(translator, weights_dtype, auto)
     tf.saved_model.save(
         module,
         str(path),
@@ -436,7 +450,7 @@ def _export_into(
         translator.model.save(staging / "model.keras")
         # Published in this order, the version last.
         names = [n for n in (*_SIDE_FILES, SHORTLIST, "model.keras") if (staging / n).is_file()]
-        _write_saved_model(translator, staging / "saved_model", weights_dtype)
+        _write_saved_model(translator, staging / "saved_model", weights_dtype, auto)
         fsync_tree(staging)
         with locked_directory(out_dir):
             # Chosen (or checked) again under the lock: another export may have published.
@@ -525,4 +539,24 @@ def load_saved_model(path):
             f"the SavedModel in {path} lacks the signature(s) {missing} (it has "
             f"{sorted(loaded.signatures)}): is it a translator export?"
         )
+    _resolve_auto(loaded, path)
     return loaded, path
+
+
+def _resolve_auto(loaded, path: Path) -> None:
+    """An export built with `compute_dtype: auto` decodes big calls in bfloat16 as built; on
+    a CPU without bfloat16 instructions this turns that path off, as `translator.load`
+    resolves `auto` to float32 there (exports from before 2026-12-07 have no such switch)."""
+    from translator.hardware import has_fast_bfloat16
+
+    auto = getattr(loaded, "bfloat16_auto", None)
+    if auto is None or not bool(auto.numpy()) or has_fast_bfloat16():
+        return
+    rows = int(loaded.bfloat16_rows.numpy())
+    loaded.bfloat16_rows.assign(NO_BFLOAT16_ROWS)
+    log.info(
+        "%s: this CPU has no bfloat16 instructions, so every call decodes in float32 (the "
+        "export, compute_dtype auto, was built to decode calls of %d rows or more in bfloat16)",
+        path,
+        rows,
+    )

@@ -144,6 +144,7 @@ class Translator:
             raise ValueError(f"bfloat16_rows must be at least 1, got {bfloat16_rows}")
         self.compute_dtype = compute_dtype
         self.bfloat16_rows = int(bfloat16_rows)
+        self._bfloat16_rows_tensor = None  # see `bfloat16_threshold`
         resolved = resolve_compute_dtype(compute_dtype)
         # `adaptive`: `.model` decodes in float32, and a bfloat16 copy of it, whose variables
         # are never read (each read is mapped to `.model`'s, see `_decode_in_bfloat16`), in
@@ -327,8 +328,10 @@ class Translator:
             ids, lengths, scores, alignments = self._decode(self.model, *args)
         else:
             # One graph for both ends: bfloat16 where it is faster (many rows), float32 else.
+            threshold = self._bfloat16_rows_tensor
+            threshold = self.bfloat16_rows if threshold is None else threshold
             ids, lengths, scores, alignments = tf.cond(
-                batch * beam_size >= self.bfloat16_rows,
+                batch * beam_size >= threshold,
                 lambda: self._decode_in_bfloat16(*args),
                 lambda: self._decode(self.model, *args),
             )
@@ -431,6 +434,17 @@ class Translator:
                 if model is not None:
                     stack.enter_context(model.decoder.output_kernel(kernel))
             yield
+
+    @contextlib.contextmanager
+    def bfloat16_threshold(self, rows):
+        """Traces `translate_tensors` with the adaptive threshold `rows` (an int32 scalar
+        tensor) in place of `bfloat16_rows`: the SavedModel reads it from a variable, so the
+        process that loads it can turn the bfloat16 path off (see `translator.export`)."""
+        previous, self._bfloat16_rows_tensor = self._bfloat16_rows_tensor, rows
+        try:
+            yield
+        finally:
+            self._bfloat16_rows_tensor = previous
 
     def _decode_in_bfloat16(self, *args):
         """`_decode` with the bfloat16 copy, every read of its variables mapped to the value of
