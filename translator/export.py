@@ -63,6 +63,9 @@ class ServingModule(tf.Module):
             (see `_working_weights`), so the computation stays float32 (except the output
             projection when the translator's `projection_dtype` is `"bfloat16"`, and the calls
             an adaptive graph runs in bfloat16, which cast the kept weights per call).
+        auto: The export was asked for `compute_dtype: auto` (resolved to the translator's
+            adaptive graph here): recorded, so that `load_saved_model` can turn the bfloat16
+            path off on a CPU without bfloat16 instructions.
     """
 
     def __init__(self, translator: Translator, weights_dtype: str = "float32", auto: bool = False):
