@@ -105,11 +105,6 @@ class ServingModule(tf.Module):
         self._embedding = _Untracked(
             decoder.embedding.embeddings if decoder.tie_embeddings else None
         )
-        specs = [(tuple(v.shape), v.dtype) for v, _ in mapped]
-        if self._embedding.value is not None:
-            embedding = self._embedding.value
-            specs.append((tuple(reversed(embedding.shape)), embedding.dtype))
-        self._working_shapes = _Untracked([shape for shape, _ in specs])
         self.working_weights = [
             tf.Variable(
                 tf.zeros([0], dtype),
@@ -117,7 +112,7 @@ class ServingModule(tf.Module):
                 trainable=False,
                 name=f"working_{i}",
             )
-            for i, (_, dtype) in enumerate(specs)
+            for i, (_, dtype) in enumerate(self._working_specs())
         ]
         if translator.adaptive:
             # The rows from which a call decodes in bfloat16, a variable so that the process
@@ -161,6 +156,14 @@ class ServingModule(tf.Module):
                 text, beam_size, n_best, length_penalty, tf.constant(self.coverage_penalty)
             )
 
+    def _working_specs(self):
+        """`(shape, dtype)` of each working weight: the mapped variables', then the kernel's."""
+        specs = [(tuple(v.shape), v.dtype) for v, _ in self._mapped.value]
+        embedding = self._embedding.value
+        if embedding is not None:
+            specs.append((tuple(reversed(embedding.shape)), embedding.dtype))
+        return specs
+
     def _working_weights(self):
         """The float32 weights decoding reads (the stored weights cast back, then the tied
         output kernel), computed by the first call and read from memory by every later one.
@@ -173,7 +176,7 @@ class ServingModule(tf.Module):
         the first may fill them too, with the same values, and a call reads them only once they
         are all filled.
         """
-        caches, shapes = self.working_weights, self._working_shapes.value
+        caches, shapes = self.working_weights, [shape for shape, _ in self._working_specs()]
         if not caches:
             return []
 
@@ -550,10 +553,10 @@ def _resolve_auto(loaded, path: Path) -> None:
     """An export built with `compute_dtype: auto` decodes big calls in bfloat16 as built; on
     a CPU without bfloat16 instructions this turns that path off, as `translator.load`
     resolves `auto` to float32 there (exports from before 2026-12-07 have no such switch)."""
-    from translator.hardware import has_fast_bfloat16
+    from translator.inference import resolve_compute_dtype
 
     auto = getattr(loaded, "bfloat16_auto", None)
-    if auto is None or not bool(auto.numpy()) or has_fast_bfloat16():
+    if auto is None or not bool(auto.numpy()) or resolve_compute_dtype("auto") == "adaptive":
         return
     rows = int(loaded.bfloat16_rows.numpy())
     loaded.bfloat16_rows.assign(NO_BFLOAT16_ROWS)
