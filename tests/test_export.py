@@ -164,19 +164,21 @@ def test_float16_storage_halves_the_export_and_changes_no_output(tiny_run_dir, t
 
 
 @pytest.mark.parametrize(
-    ("weights_dtype", "options"),
+    ("weights_dtype", "options", "table"),
     [
-        ("float16", {}),
-        ("float32", {}),
-        ("float16", {"compute_dtype": "adaptive", "bfloat16_rows": 1}),  # the bfloat16 copy
-        ("float16", {"projection_dtype": "bfloat16"}),
+        ("float16", {}, True),
+        ("float32", {}, True),
+        ("float16", {}, False),  # a model too big for the table
+        ("float16", {"compute_dtype": "adaptive", "bfloat16_rows": 1}, True),  # bfloat16 copy
+        ("float16", {"projection_dtype": "bfloat16"}, True),
     ],
 )
 def test_working_weights_are_saved_empty_and_filled_by_the_first_call(
-    tiny_tied_run_dir, tmp_path, weights_dtype, options
+    tiny_tied_run_dir, tmp_path, monkeypatch, weights_dtype, options, table
 ):
     """What decoding reads is computed by a loaded export's first call and kept: the float16
-    weights cast to float32 and the tied output kernel (the embedding matrix, transposed).
+    weights cast to float32, the tied output kernel (the embedding matrix, transposed) and the
+    input table (every target piece's embedding through the first cell's input projection).
     Saved empty, they leave the export its size; the first call, later calls (which read them:
     a changed kernel changes their output) and first calls made at once by several threads all
     translate as the Python API, on every compute path; and so does TF1's loader, the C++
@@ -202,6 +204,8 @@ def test_working_weights_are_saved_empty_and_filled_by_the_first_call(
         assert texts == expected_texts
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
 
+    if not table:
+        monkeypatch.setattr("translator.export.INPUT_TABLE_MAX_BYTES", 0)
     out = tmp_path / "export"
     version = export(tiny_tied_run_dir, out, weights_dtype=weights_dtype, **options)
     results = load(out).translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
@@ -212,15 +216,30 @@ def test_working_weights_are_saved_empty_and_filled_by_the_first_call(
     assert all(w.numpy().size == 0 for w in working)
     check(call(loaded))  # fills them
     stored = getattr(loaded, "stored_weights", [])
-    assert len(working) == len(stored) + 1  # + the output kernel
-    for w, s in zip(working[:-1], stored, strict=True):
+    # + the output kernel and the input table
+    assert len(working) == len(stored) + 1 + table
+    for w, s in zip(working, stored, strict=False):
         np.testing.assert_array_equal(w.numpy(), s.numpy().astype(np.float32))
     weights = [*stored, *loaded.model_variables]  # float16, or float32 (and int seeds)
     (embedding,) = [v for v in weights if "embedding" in v.name]
-    np.testing.assert_array_equal(working[-1].numpy(), embedding.numpy().astype(np.float32).T)
+    kernel = working[len(stored)]
+    np.testing.assert_array_equal(kernel.numpy(), embedding.numpy().astype(np.float32).T)
+    kept = [(kernel, True)]
+    if table:
+        decoder = load(out, compute_dtype="float32").model.decoder
+        np.testing.assert_allclose(
+            working[-1].numpy(), decoder.input_projection_table().numpy(), rtol=1e-5, atol=1e-6
+        )
+        # The bfloat16 path (every call of the adaptive graph from 1 row) projects its
+        # embeddings per step and reads no table.
+        kept.append((working[-1], options.get("bfloat16_rows") != 1))
     check(call(loaded))  # reads them ...
-    working[-1].assign(tf.zeros_like(working[-1]))
-    assert call(loaded)[0] != expected_texts  # ... and nothing else: a changed kernel shows
+    for value, read in kept:  # ... and nothing else: a changed one shows
+        saved = value.numpy()
+        value.assign(tf.zeros_like(value))
+        assert (call(loaded)[0] != expected_texts) == read
+        value.assign(saved)
+    check(call(loaded))
     stored_bytes = sum(v.numpy().nbytes for v in weights)
     data = sum(p.stat().st_size for p in (version / "variables").iterdir())
     assert data < 1.05 * stored_bytes + 10_000

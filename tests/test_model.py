@@ -70,15 +70,28 @@ def test_shapes(name):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("path", ["decode_step", "step_function"])
+@pytest.mark.parametrize("path", ["decode_step", "step_function", "input_table"])
 def test_call_equals_looping_decode_step(name, path):
     # step_function() reads the weights (and their per-step views: the split first kernel,
     # the transposed tied embedding) once; it must give the teacher-forced numbers exactly.
+    # With an input table (what a SavedModel keeps), a step gathers the embedding half of the
+    # first projection instead of computing it: the same numbers.
     model = tiny_model(**ARCHITECTURES[name])
     logits, attention = model(
         {"source_ids": SOURCE, "target_in_ids": TARGET_IN}, return_attention=True
     )
-    step = model.decode_step if path == "decode_step" else model.step_function()
+    if path == "input_table":
+        table = model.decoder.input_projection_table()
+        assert table.shape == (30, model.decoder.cells[0].kernel.shape[1])
+        with model.decoder.input_table(table * (1.0 + 1e-3)):  # a scaled table shows ...
+            step = model.step_function()
+        constants, state = model.encode(SOURCE)
+        wrong, _, _ = step(TARGET_IN[:, 0], state, constants)
+        assert not np.allclose(wrong, logits[:, 0], atol=1e-5, rtol=1e-5)  # ... it is read
+        with model.decoder.input_table(table):
+            step = model.step_function()
+    else:
+        step = model.decode_step if path == "decode_step" else model.step_function()
     constants, state = model.encode(SOURCE)
     for t in range(TARGET_IN.shape[1]):
         step_logits, state, step_attention = step(TARGET_IN[:, t], state, constants)

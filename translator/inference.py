@@ -436,6 +436,15 @@ class Translator:
             yield
 
     @contextlib.contextmanager
+    def input_table(self, table):
+        """Traces `translate_tensors` with `.model`'s `input_projection_table()` given (see
+        `AttentionDecoder.input_table`), for a caller that keeps it across calls, as the
+        SavedModel does. The bfloat16 copy of an adaptive translator still projects its
+        embeddings per step: a bfloat16 table would be a second copy, cast per call."""
+        with self.model.decoder.input_table(table):
+            yield
+
+    @contextlib.contextmanager
     def bfloat16_threshold(self, rows):
         """Traces `translate_tensors` with the adaptive threshold `rows` (an int32 scalar
         tensor) in place of `bfloat16_rows`: the SavedModel reads it from a variable, so the
