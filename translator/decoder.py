@@ -368,8 +368,9 @@ class AttentionDecoder(keras.layers.Layer):
             projected = self.cells[0].project_inputs(embedded, kernel=weights["embed_kernel"])
         attentional, state, probs = self.step(projected, state, constants, weights, grouped=grouped)
         kernel, bias = weights["output_kernel"], weights["output_bias"]
-        logits = ops.matmul(ops.cast(attentional, kernel.dtype), kernel)
-        return ops.cast(logits, bias.dtype) + bias, state, probs
+        logits = ops.cast(ops.matmul(ops.cast(attentional, kernel.dtype), kernel), bias.dtype)
+        # `bias_add`, not `+`: grappler fuses it into the matmul (one pass over the logits).
+        return tf.nn.bias_add(logits, bias), state, probs
 
     def call(self, target_in_ids, constants, initial_state, training=False):
         batch = ops.shape(target_in_ids)[0]

@@ -101,8 +101,16 @@ def greedy_search(
 def _greedy_choice(logits, step=None):
     """The most probable token of each row `[N, V]` and its log-probability."""
     ids = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    log_probs = tf.gather(logits, ids, batch_dims=1) - tf.reduce_logsumexp(logits, axis=-1)
-    return {"ids": ids, "token_log_probs": log_probs}
+    best = tf.gather(logits, ids, batch_dims=1)
+    return {"ids": ids, "token_log_probs": best - _logsumexp(logits, best)}
+
+
+def _logsumexp(logits, row_max):
+    """`tf.reduce_logsumexp(logits, axis=1)` `[N, V] -> [N]` given each row's maximum, which
+    the caller has already found (the argmax's or the top-k's first value): the same
+    arithmetic, one pass over the logits fewer."""
+    shift = tf.stop_gradient(tf.where(tf.math.is_finite(row_max), row_max, 0.0))
+    return tf.math.log(tf.reduce_sum(tf.exp(logits - shift[:, tf.newaxis]), axis=1)) + shift
 
 
 def sample(
@@ -356,7 +364,7 @@ def beam_search(
         # extensions of a sentence are among the K + 1 best tokens of its beams.
         top_logits, top_tokens = _top_k(logits, k)  # [n, k]
         return {
-            "log_normalizer": tf.reduce_logsumexp(logits, axis=1),  # [n]
+            "log_normalizer": _logsumexp(logits, top_logits[:, 0]),  # [n]
             "end_logits": logits[:, end_id],  # [n]
             "top_logits": top_logits,
             "top_tokens": top_tokens,
