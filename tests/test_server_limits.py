@@ -359,6 +359,54 @@ def test_short_requests_run_beside_a_heavy_call_on_the_express_lane(express_cost
         assert set(lanes) == {"model"}
 
 
+def test_a_call_merged_from_cheap_requests_is_not_heavy():
+    """Many cheap requests merged into one call costing more than `express_cost` are ordinary
+    batching, not a heavy request: the express lane stays shut, so the requests arriving
+    meanwhile wait and run together in the next call (two calls side by side would share the
+    cores and merge fewer texts each)."""
+    calls, lanes = [], []
+    first_started, release = threading.Event(), threading.Event()
+
+    def run(signature, version, texts, scalars):
+        calls.append(list(texts))
+        lanes.append(threading.current_thread().name.split("_")[0])
+        if texts[0] == "a0":
+            first_started.set()
+            release.wait(10)
+        return {"echo": np.array(texts, dtype=object)}
+
+    async def main():
+        batcher = MicroBatcher(
+            run, max_batch_size=8, max_wait=0.05, max_batch_cost=4000, express_cost=1000
+        )
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        # Six requests of cost 300 arrive together: one call of cost 1,800 > express_cost.
+        first = [
+            asyncio.ensure_future(batcher.submit("s", None, [f"a{i}"], {}, costs=[300]))
+            for i in range(6)
+        ]
+        await loop.run_in_executor(None, first_started.wait, 10)
+        later = [
+            asyncio.ensure_future(batcher.submit("s", None, [f"b{i}"], {}, costs=[300]))
+            for i in range(3)
+        ]
+        done, _ = await asyncio.wait(later, timeout=0.5)
+        answered_during_first = len(done)
+        release.set()
+        results = await asyncio.gather(*first, *later)
+        await batcher.stop()
+        return answered_during_first, results
+
+    answered, results = asyncio.run(main())
+    assert [list(r["echo"]) for r in results] == [[f"a{i}"] for i in range(6)] + [
+        [f"b{i}"] for i in range(3)
+    ]
+    assert answered == 0, calls
+    assert calls == [[f"a{i}" for i in range(6)], ["b0", "b1", "b2"]]
+    assert set(lanes) == {"model"}
+
+
 def test_queued_work_past_its_deadline_gets_504_and_never_reaches_the_model():
     backend = ScriptedBackend()
     with serving(backend, _settings(request_timeout=0.5)) as client:

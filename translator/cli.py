@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("max_beam_size", int, "largest beam_size accepted"),
         ("max_request_cost", int, "decoding steps per request (texts x beam x output length)"),
         ("max_batch_cost", int, "decoding steps per model call"),
-        ("express_cost", int, "calls costing more are heavy: cheaper ones run beside (0: off)"),
+        ("express_cost", int, "requests costing more are heavy: cheaper ones run beside (0: off)"),
         ("max_alignment_values", int, "attention weights per response"),
         ("request_timeout", float, "seconds a request may wait and run (504 after)"),
         ("header_timeout", float, "seconds to receive a request's headers"),

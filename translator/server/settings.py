@@ -61,10 +61,14 @@ class ServerSettings(BaseModel):
     # One model call's cost (merged requests, or one part of a split request). What a short
     # request may have to wait behind; a text costing more than this alone is refused.
     max_batch_cost: int = Field(16384, ge=1, description="Decoding steps per model call.")
-    # While a model call costing more runs, cheaper waiting work runs beside it on a second
-    # thread (the express lane), so a short request never waits for a heavy one. 0: off.
+    # While a model call with a chunk (one request's texts, or part of them) costing more runs,
+    # cheaper waiting work runs beside it on a second thread (the express lane), so a short
+    # request never waits for a heavy one. A call merged from many cheap requests is not heavy:
+    # one call at a time gives more throughput. 0: off.
     express_cost: int = Field(
-        4096, ge=0, description="Calls costing more are heavy: cheaper calls run beside them."
+        4096,
+        ge=0,
+        description="Requests costing more are heavy: cheaper calls run beside them.",
     )
     # Attention weights returned per request: n_best x target x source subwords per text.
     max_alignment_values: int = Field(1 << 20, ge=1, description="Alignment numbers per response.")
