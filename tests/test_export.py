@@ -37,6 +37,43 @@ def test_export_layout(tiny_export_dir):
         assert path.stat().st_mode & wanted == wanted, (path, oct(path.stat().st_mode))
 
 
+def test_warmup_requests_replay_as_tf_serving_would(tiny_export_dir):
+    """The version carries TF Serving's warm-up file: PredictionLog records, one Predict
+    request per signature. Replayed as TF Serving does at load (each request's inputs to its
+    signature), they run, fill the working weights, and answer as the Python API."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from translator.export import WARMUP_FILE, WARMUP_TEXTS
+    from translator.inference import load
+
+    path = tiny_export_dir / "1" / WARMUP_FILE
+    logs = []
+    for record in tf.data.TFRecordDataset(str(path)):
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(record.numpy())
+        logs.append(log)
+    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * 2
+    requests = [log.predict_log.request for log in logs]
+    assert [r.model_spec.signature_name for r in requests] == ["serving_default", "translate"]
+    translator = load(tiny_export_dir)
+    loaded = tf.saved_model.load(str(tiny_export_dir / "1"))
+    assert all(w.numpy().size == 0 for w in loaded.working_weights)
+    outputs = []
+    for request in requests:
+        signature = loaded.signatures[request.model_spec.signature_name]
+        inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+        assert set(inputs) == set(signature.structured_input_signature[1])
+        outputs.append(signature(**{name: tf.constant(v) for name, v in inputs.items()}))
+    assert all(w.numpy().size > 0 for w in loaded.working_weights)
+    expected = [r.text for r in translator.translate(list(WARMUP_TEXTS), segment=False)]
+    assert [t.decode() for t in outputs[0]["translation"].numpy()] == expected
+    assert [t.decode() for t in outputs[1]["translations"].numpy()[:, 0]] == expected
+    translate = requests[1].inputs
+    assert tf.make_ndarray(translate["beam_size"]) == translator.beam_size
+    assert np.isclose(tf.make_ndarray(translate["length_penalty"]), translator.length_penalty)
+
+
 def test_savedmodel_in_a_fresh_process_equals_translator_load(tiny_export_dir):
     """Only tensorflow and tensorflow_text are imported; outputs equal the Python API's."""
     code = f"""

@@ -341,6 +341,54 @@ def _write_saved_model(
         str(path),
         signatures={"serving_default": module.serving_default, "translate": module.translate},
     )
+    write_warmup_requests(path, translator)
+
+
+# TF Serving replays this file's requests when it loads a version, before serving it.
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+WARMUP_TEXTS = ("A man is riding a bicycle.", "Two dogs play in the snow.")
+
+
+def write_warmup_requests(saved_model_dir: Path, translator: Translator) -> Path:
+    """Writes `assets.extra/tf_serving_warmup_requests`: one Predict request per signature.
+
+    TF Serving runs them when it loads the version, before the version serves (its "SavedModel
+    warmup"), so no client pays what a signature's first call costs: graph set-up, and the
+    working weights the first call computes (see `ServingModule._working_weights`): 2.2 s for
+    each signature of the shipped model on the 2-core EPYC without AVX-512, against 25 ms for
+    the next call. The file is a TFRecord of `PredictionLog` protos (tensorflow-serving-api).
+    """
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    def request(signature, inputs):
+        message = predict_pb2.PredictRequest()
+        message.model_spec.signature_name = signature
+        for name, value in inputs.items():
+            message.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        log = prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=message)
+        )
+        return log.SerializeToString()
+
+    texts = list(WARMUP_TEXTS)
+    records = [
+        request("serving_default", {"text": texts}),
+        request(
+            "translate",
+            {
+                "text": texts,
+                "beam_size": tf.constant(int(translator.beam_size), tf.int32),
+                "n_best": tf.constant(1, tf.int32),
+                "length_penalty": tf.constant(float(translator.length_penalty), tf.float32),
+            },
+        ),
+    ]
+    path = Path(saved_model_dir) / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+    return path
 
 
 def export(
