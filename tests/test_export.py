@@ -74,6 +74,32 @@ def test_warmup_requests_replay_as_tf_serving_would(tiny_export_dir):
     assert np.isclose(tf.make_ndarray(translate["length_penalty"]), translator.length_penalty)
 
 
+def test_warmup_option_chooses_the_signatures_and_bad_values_write_nothing(tiny_run_dir, tmp_path):
+    """`warmup="serving_default"` (TF Serving with batching, which refuses translate's scalar
+    inputs) writes that signature's request alone, `"none"` no file; the CLI offers the same
+    choices; an unknown value is refused before anything is written."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from translator.cli import build_parser
+    from translator.export import WARMUP_CHOICES, WARMUP_FILE, ExportError, export
+
+    version = export(tiny_run_dir, tmp_path / "batching", warmup="serving_default")
+    names = []
+    for record in tf.data.TFRecordDataset(str(version / WARMUP_FILE)):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        names.append(log.predict_log.request.model_spec.signature_name)
+    assert names == ["serving_default"]
+    version = export(tiny_run_dir, tmp_path / "none", warmup="none")
+    assert not (version / WARMUP_FILE).exists() and not (version / "assets.extra").exists()
+    with pytest.raises(ExportError, match="warmup must be one of all, serving_default, none"):
+        export(tiny_run_dir, tmp_path / "bad", warmup="translate")
+    assert not (tmp_path / "bad").exists()
+    export_parser = build_parser()._subparsers._group_actions[0].choices["export"]
+    (action,) = [a for a in export_parser._actions if a.dest == "warmup"]
+    assert action.choices == list(WARMUP_CHOICES) and action.default == "all"
+
+
 def test_savedmodel_in_a_fresh_process_equals_translator_load(tiny_export_dir):
     """Only tensorflow and tensorflow_text are imported; outputs equal the Python API's."""
     code = f"""

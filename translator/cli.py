@@ -295,6 +295,7 @@ def cmd_export(args) -> int:
         compute_dtype=args.compute_dtype,
         bfloat16_rows=args.bfloat16_rows,
         shortlist=not args.no_shortlist,
+        warmup=args.warmup,
     )
     print(f"exported {args.model} to {path} (TF Serving model base path: {args.out})")
     return 0
@@ -628,6 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="export without the model directory's shortlist.npz (decode over the whole "
         "vocabulary)",
     )
+    p.add_argument(
+        "--warmup",
+        choices=["all", "serving_default", "none"],
+        default="all",
+        help="the signatures TF Serving's warm-up file (assets.extra/tf_serving_warmup_requests) "
+        "calls when it loads the version; serving_default for TF Serving with --enable_batching, "
+        "which refuses translate's scalar inputs and then fails to load the version",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("translate", help="translate English text (arguments or stdin lines)")
@@ -685,7 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("max_beam_size", int, "largest beam_size accepted"),
         ("max_request_cost", int, "decoding steps per request (texts x beam x output length)"),
         ("max_batch_cost", int, "decoding steps per model call"),
-        ("express_cost", int, "requests costing more are heavy: cheaper ones run beside (0: off)"),
+        (
+            "express_cost",
+            int,
+            "heavy above this (a request, or its part in a call): cheaper run beside (0: off)",
+        ),
         ("max_alignment_values", int, "attention weights per response"),
         ("request_timeout", float, "seconds a request may wait and run (504 after)"),
         ("header_timeout", float, "seconds to receive a request's headers"),

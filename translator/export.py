@@ -304,7 +304,11 @@ def with_tokenizers(translator: Translator) -> Translator:
 
 
 def export_saved_model(
-    translator: Translator, out_dir, version: int | None = None, weights_dtype: str = "float32"
+    translator: Translator,
+    out_dir,
+    version: int | None = None,
+    weights_dtype: str = "float32",
+    warmup: str = "all",
 ) -> Path:
     """Writes `translator` as SavedModel version `version` of `out_dir` and returns its path.
 
@@ -317,23 +321,25 @@ def export_saved_model(
         out_dir: The model's base directory (`model_base_path` for TF Serving).
         version: Integer version; default: one more than the largest existing.
         weights_dtype: `"float32"`, `"float16"` or `"bfloat16"`: the stored weights' type.
+        warmup: The signatures TF Serving's warm-up file calls (`WARMUP_CHOICES`).
 
     Raises:
         ExportError: the version exists already, or `out_dir` is not writable.
     """
+    _check_warmup(warmup)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(out_dir) if version is None else int(version)
     _check_new_version(out_dir, version)
     final = out_dir / str(version)
     with atomic_path(final, directory=True) as tmp:
-        _write_saved_model(translator, tmp, weights_dtype)
+        _write_saved_model(translator, tmp, weights_dtype, warmup=warmup)
     log.info("wrote SavedModel %s (signatures: %s)", final, ", ".join(SIGNATURES))
     return final
 
 
 def _write_saved_model(
-    translator: Translator, path: Path, weights_dtype: str, auto: bool = False
+    translator: Translator, path: Path, weights_dtype: str, auto: bool = False, warmup="all"
 ) -> None:
     module = ServingModule(translator, weights_dtype, auto)
     tf.saved_model.save(
@@ -341,22 +347,44 @@ def _write_saved_model(
         str(path),
         signatures={"serving_default": module.serving_default, "translate": module.translate},
     )
-    write_warmup_requests(path, translator)
+    if WARMUP_CHOICES[warmup]:
+        write_warmup_requests(path, translator, WARMUP_CHOICES[warmup])
+
+
+def _check_warmup(warmup: str) -> None:
+    if warmup not in WARMUP_CHOICES:
+        raise ExportError(
+            f"warmup must be one of {', '.join(WARMUP_CHOICES)}, got {warmup!r} (serving_default "
+            "for TF Serving with --enable_batching, which refuses translate's scalar inputs)"
+        )
 
 
 # TF Serving replays this file's requests when it loads a version, before serving it.
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 WARMUP_TEXTS = ("A man is riding a bicycle.", "Two dogs play in the snow.")
+# `export(warmup=...)`: the signatures the warm-up file calls. TF Serving's batching
+# (`--enable_batching`) refuses `translate`'s scalar inputs, in warm-up too, and a failed
+# warm-up fails the version's load: export for it with "serving_default".
+WARMUP_CHOICES = {
+    "all": ("serving_default", "translate"),
+    "serving_default": ("serving_default",),
+    "none": (),
+}
 
 
-def write_warmup_requests(saved_model_dir: Path, translator: Translator) -> Path:
-    """Writes `assets.extra/tf_serving_warmup_requests`: one Predict request per signature.
+def write_warmup_requests(
+    saved_model_dir: Path, translator: Translator, signatures=SIGNATURES
+) -> Path:
+    """Writes `assets.extra/tf_serving_warmup_requests`: one Predict request per signature of
+    `signatures` (`serving_default` and/or `translate`).
 
     TF Serving runs them when it loads the version, before the version serves (its "SavedModel
     warmup"), so no client pays what a signature's first call costs: graph set-up, and the
     working weights the first call computes (see `ServingModule._working_weights`): 2.2 s for
     each signature of the shipped model on the 2-core EPYC without AVX-512, against 25 ms for
-    the next call. The file is a TFRecord of `PredictionLog` protos (tensorflow-serving-api).
+    the next call. The file is a TFRecord of `PredictionLog` protos (tensorflow-serving-api),
+    written under a temporary name and renamed, so a server polling the version never reads
+    half of it.
     """
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
@@ -370,24 +398,24 @@ def write_warmup_requests(saved_model_dir: Path, translator: Translator) -> Path
         )
         return log.SerializeToString()
 
+    if unknown := set(signatures) - set(SIGNATURES):
+        raise ExportError(f"no such signature(s) {sorted(unknown)}: choose from {SIGNATURES}")
     texts = list(WARMUP_TEXTS)
-    records = [
-        request("serving_default", {"text": texts}),
-        request(
-            "translate",
-            {
-                "text": texts,
-                "beam_size": tf.constant(int(translator.beam_size), tf.int32),
-                "n_best": tf.constant(1, tf.int32),
-                "length_penalty": tf.constant(float(translator.length_penalty), tf.float32),
-            },
-        ),
-    ]
+    inputs = {
+        "serving_default": {"text": texts},
+        "translate": {
+            "text": texts,
+            "beam_size": tf.constant(int(translator.beam_size), tf.int32),
+            "n_best": tf.constant(1, tf.int32),
+            "length_penalty": tf.constant(float(translator.length_penalty), tf.float32),
+        },
+    }
     path = Path(saved_model_dir) / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for record in records:
-            writer.write(record)
+    with atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
+        for signature in SIGNATURES:
+            if signature in signatures:
+                writer.write(request(signature, inputs[signature]))
     return path
 
 
@@ -400,6 +428,7 @@ def export(
     compute_dtype: str | None = None,
     bfloat16_rows: int | None = None,
     shortlist: bool = True,
+    warmup: str = "all",
 ) -> Path:
     """`translator export`: a run or model directory -> an export directory (see module docs).
 
@@ -436,7 +465,11 @@ def export(
     A vocabulary shortlist beside the model (`shortlist.npz`, see `translator.shortlist`) is
     built into the SavedModel's graph and copied beside the versions, so `translator.load` of
     the export decodes as the SavedModel does; `shortlist=False` leaves it out (and removes
-    the export directory's previous one).
+    the export directory's previous one). The version carries TF Serving's warm-up file
+    (`assets.extra/tf_serving_warmup_requests`, see `write_warmup_requests`) calling the
+    signatures `warmup` names: `"all"`, `"serving_default"` (for TF Serving with batching on,
+    which refuses `translate`'s scalar inputs, in warm-up too, and then fails to load the
+    version) or `"none"`.
 
     Returns:
         The SavedModel version directory.
@@ -457,6 +490,7 @@ def export(
         )
     if bfloat16_rows is not None and int(bfloat16_rows) < 1:
         raise ExportError(f"bfloat16_rows must be at least 1, got {bfloat16_rows}")
+    _check_warmup(warmup)
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,7 +501,7 @@ def export(
     with _removed_if_left_empty(out_dir if created else None):
         return _export_into(
             out_dir, model_path, version, weights_dtype, projection_dtype, compute_dtype,
-            bfloat16_rows, shortlist,
+            bfloat16_rows, shortlist, warmup,
         )  # fmt: skip
 
 
@@ -486,7 +520,7 @@ def _removed_if_left_empty(path: Path | None):
 
 def _export_into(
     out_dir, model_path, version, weights_dtype, projection_dtype, compute_dtype, bfloat16_rows,
-    shortlist,
+    shortlist, warmup,
 ) -> Path:  # fmt: skip
     """`export` once its arguments are checked and `out_dir` is known to be writable."""
     from translator.inference import load, resolve_compute_dtype
@@ -535,7 +569,7 @@ def _export_into(
         translator.model.save(staging / "model.keras")
         # Published in this order, the version last.
         names = [n for n in (*_SIDE_FILES, SHORTLIST, "model.keras") if (staging / n).is_file()]
-        _write_saved_model(translator, staging / "saved_model", weights_dtype, auto)
+        _write_saved_model(translator, staging / "saved_model", weights_dtype, auto, warmup)
         fsync_tree(staging)
         with locked_directory(out_dir):
             # Chosen (or checked) again under the lock: another export may have published.

@@ -68,7 +68,8 @@ class ServerSettings(BaseModel):
     express_cost: int = Field(
         4096,
         ge=0,
-        description="Requests costing more are heavy: cheaper calls run beside them.",
+        description="A request (or its part in one call) costing more is heavy: cheaper "
+        "calls run beside it.",
     )
     # Attention weights returned per request: n_best x target x source subwords per text.
     max_alignment_values: int = Field(1 << 20, ge=1, description="Alignment numbers per response.")
