@@ -370,6 +370,46 @@ def test_beam_size_1_equals_greedy():
     np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-5, atol=1e-6)
 
 
+def test_log_normalizer_from_the_row_maximum_equals_reduce_logsumexp():
+    """Both searches normalize with `_logsumexp` given each row's maximum (found by their
+    argmax or top-k): bit for bit `tf.reduce_logsumexp`, masked (-1e9, -inf) and all -inf
+    rows included."""
+    logits = tf.random.stateless_normal([6, 300], seed=[7, 0]) * 8.0
+    logits = tf.tensor_scatter_nd_update(
+        logits, [[1, 5], [2, 0], [3, 299]], [-1e9, float("-inf"), 1e4]
+    )
+    logits = tf.concat([logits, tf.fill([1, 300], float("-inf"))], 0)
+    expected = tf.reduce_logsumexp(logits, axis=1)
+    np.testing.assert_array_equal(search._logsumexp(logits, tf.reduce_max(logits, 1)), expected)
+    top, _ = search._top_k(logits, 3)
+    np.testing.assert_array_equal(search._logsumexp(logits, top[:, 0]), expected)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_scores_do_not_depend_on_a_constant_added_to_a_rows_logits(strategy):
+    """The step's logits are normalized (log-softmax) before they score anything: adding a
+    different constant to every row at every step changes no output."""
+    step_fn = rnn_step_fn()
+
+    def shifted_step_fn(ids, state, constants):
+        logits, state, attention = step_fn(ids, state, constants)
+        shift = 50.0 * tf.tanh(tf.reduce_sum(state, axis=1, keepdims=True))  # per row and step
+        return logits + shift, state, attention
+
+    def decode(fn):
+        args = {**rnn_args(), "step_fn": fn}
+        if strategy == "greedy":
+            return run(search.greedy_search, **args)
+        return run(search.beam_search, **args, beam_size=3, n_best=2, length_penalty=0.6)
+
+    plain, shifted = decode(step_fn), decode(shifted_step_fn)
+    np.testing.assert_array_equal(shifted.ids, plain.ids)
+    np.testing.assert_allclose(shifted.log_probs, plain.log_probs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shifted.scores, plain.scores, rtol=1e-4, atol=1e-4)
+    log_probs = plain.log_probs.numpy()
+    assert np.all(log_probs <= 0) and np.any(log_probs < -1)  # log-probabilities
+
+
 def test_beam_search_escapes_greedy_trap():
     probs = {
         (): {0: 0.5, 1: 0.4, 2: 0.09, END_ID: 0.01},
