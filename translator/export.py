@@ -195,10 +195,10 @@ class ServingModule(tf.Module):
         (512, 1536)` product for a gather: one sentence at beam 5 about 11% faster, beam 5 at
         batch 64 about 7% (same machine), at 47 MB of memory; it would cost a call about 12
         GFLOP to build. A model whose table would exceed `INPUT_TABLE_MAX_BYTES` keeps none.
-        The variables start
-        empty (saved that way) and the first call fills them; calls running at the same time as
-        the first may fill them too, with the same values, and a call reads them only once they
-        are all filled.
+
+        The variables start empty (saved that way) and the first call fills them; calls running
+        at the same time as the first may fill them too, with the same values, and a call reads
+        them only once they are all filled.
         """
         caches, shapes = self.working_weights, [shape for shape, _ in self._working_specs()]
         if not caches:
