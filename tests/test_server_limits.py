@@ -309,44 +309,64 @@ def test_a_request_over_max_batch_size_is_split_and_short_requests_interleave():
     assert calls[1] == ["s0"] or "s0" in calls[1]
 
 
+def _while_the_first_call_runs(first, later, timeout, **batcher_options):
+    """Submits the requests `first` (each `(texts, costs)`) to a `MicroBatcher` whose model
+    call holds until released when it starts with the first text of `first[0]`; once it is
+    held, submits `later` and waits `timeout` seconds, then releases it.
+
+    Returns `(later requests answered while it was held, every request's result (first, then
+    later), the texts of each call, the thread (lane) of each call)`.
+    """
+    calls, lanes = [], []
+    started, release = threading.Event(), threading.Event()
+    blocker = first[0][0][0]
+
+    def run(signature, version, texts, scalars):
+        calls.append(list(texts))
+        lanes.append(threading.current_thread().name.split("_")[0])
+        if texts[0] == blocker:
+            started.set()
+            release.wait(10)
+        return {"echo": np.array(texts, dtype=object)}
+
+    async def main():
+        batcher = MicroBatcher(run, **batcher_options)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+
+        def submit(requests):
+            return [
+                asyncio.ensure_future(batcher.submit("s", None, texts, {}, costs=costs))
+                for texts, costs in requests
+            ]
+
+        held = submit(first)
+        await loop.run_in_executor(None, started.wait, 10)
+        waiting = submit(later)
+        done, _ = await asyncio.wait(waiting, timeout=timeout)
+        release.set()
+        results = await asyncio.gather(*held, *waiting)
+        await batcher.stop()
+        return len(done), results
+
+    answered, results = asyncio.run(main())
+    return answered, results, calls, lanes
+
+
 @pytest.mark.parametrize("express_cost", [1000, None], ids=["express-lane", "one-lane"])
 def test_short_requests_run_beside_a_heavy_call_on_the_express_lane(express_cost):
     """While a call costing more than `express_cost` runs, cheap requests run beside it on a
     second thread (merged), and the heavy request's next chunk still waits for the main lane;
     without the lane, the short requests wait for the heavy call."""
-    calls, lanes = [], []
-    heavy_started, release = threading.Event(), threading.Event()
-
-    def run(signature, version, texts, scalars):
-        calls.append(list(texts))
-        lanes.append(threading.current_thread().name.split("_")[0])
-        if texts[0] == "h0":
-            heavy_started.set()
-            release.wait(10)
-        return {"echo": np.array(texts, dtype=object)}
-
-    async def main():
-        batcher = MicroBatcher(
-            run, max_batch_size=4, max_wait=0, max_batch_cost=4000, express_cost=express_cost
-        )
-        batcher.start()
-        loop = asyncio.get_running_loop()
-        heavy = asyncio.ensure_future(
-            batcher.submit("s", None, ["h0", "h1", "h2", "h3"], {}, costs=[2000] * 4)
-        )
-        await loop.run_in_executor(None, heavy_started.wait, 10)
-        shorts = [
-            asyncio.ensure_future(batcher.submit("s", None, [f"s{i}"], {}, costs=[100]))
-            for i in range(3)
-        ]
-        done, _ = await asyncio.wait(shorts, timeout=1.0)
-        answered_during_heavy = len(done)
-        release.set()
-        results = await asyncio.gather(heavy, *shorts)
-        await batcher.stop()
-        return answered_during_heavy, results
-
-    answered, (heavy, *shorts) = asyncio.run(main())
+    answered, (heavy, *shorts), calls, lanes = _while_the_first_call_runs(
+        [(["h0", "h1", "h2", "h3"], [2000] * 4)],
+        [([f"s{i}"], [100]) for i in range(3)],
+        timeout=1.0,
+        max_batch_size=4,
+        max_wait=0,
+        max_batch_cost=4000,
+        express_cost=express_cost,
+    )
     assert list(heavy["echo"]) == ["h0", "h1", "h2", "h3"]
     assert [list(r["echo"]) for r in shorts] == [["s0"], ["s1"], ["s2"]]
     if express_cost:
@@ -364,41 +384,16 @@ def test_a_call_merged_from_cheap_requests_is_not_heavy():
     batching, not a heavy request: the express lane stays shut, so the requests arriving
     meanwhile wait and run together in the next call (two calls side by side would share the
     cores and merge fewer texts each)."""
-    calls, lanes = [], []
-    first_started, release = threading.Event(), threading.Event()
-
-    def run(signature, version, texts, scalars):
-        calls.append(list(texts))
-        lanes.append(threading.current_thread().name.split("_")[0])
-        if texts[0] == "a0":
-            first_started.set()
-            release.wait(10)
-        return {"echo": np.array(texts, dtype=object)}
-
-    async def main():
-        batcher = MicroBatcher(
-            run, max_batch_size=8, max_wait=0.05, max_batch_cost=4000, express_cost=1000
-        )
-        batcher.start()
-        loop = asyncio.get_running_loop()
-        # Six requests of cost 300 arrive together: one call of cost 1,800 > express_cost.
-        first = [
-            asyncio.ensure_future(batcher.submit("s", None, [f"a{i}"], {}, costs=[300]))
-            for i in range(6)
-        ]
-        await loop.run_in_executor(None, first_started.wait, 10)
-        later = [
-            asyncio.ensure_future(batcher.submit("s", None, [f"b{i}"], {}, costs=[300]))
-            for i in range(3)
-        ]
-        done, _ = await asyncio.wait(later, timeout=0.5)
-        answered_during_first = len(done)
-        release.set()
-        results = await asyncio.gather(*first, *later)
-        await batcher.stop()
-        return answered_during_first, results
-
-    answered, results = asyncio.run(main())
+    # Six requests of cost 300 arrive together: one call of cost 1,800 > express_cost.
+    answered, results, calls, lanes = _while_the_first_call_runs(
+        [([f"a{i}"], [300]) for i in range(6)],
+        [([f"b{i}"], [300]) for i in range(3)],
+        timeout=0.5,
+        max_batch_size=8,
+        max_wait=0.05,
+        max_batch_cost=4000,
+        express_cost=1000,
+    )
     assert [list(r["echo"]) for r in results] == [[f"a{i}"] for i in range(6)] + [
         [f"b{i}"] for i in range(3)
     ]
