@@ -61,11 +61,13 @@ class ServingModule(tf.Module):
 
     Args:
         translator: The `translator.inference.Translator` to export.
-        weights_dtype: How the weights are stored: `"float32"`, or `"float16"`/`"bfloat16"` to
-            halve the SavedModel. The first call casts them back to float32 and keeps them
-            (see `_working_weights`), so the computation stays float32 (except the output
-            projection when the translator's `projection_dtype` is `"bfloat16"`, and the calls
-            an adaptive graph runs in bfloat16, which cast the kept weights per call).
+        weights_dtype: How the weights are stored (in the module's own variables, never the
+            Keras model's, which TF1's and TF Serving's loaders leave uninitialized):
+            `"float32"`, or `"float16"`/`"bfloat16"` to halve the SavedModel. The first call
+            casts those back to float32 and keeps them (see `_working_weights`), so the
+            computation stays float32 (except the output projection when the translator's
+            `projection_dtype` is `"bfloat16"`, and the calls an adaptive graph runs in
+            bfloat16, which cast the kept weights per call).
         auto: The export was asked for `compute_dtype: auto` (resolved to the translator's
             adaptive graph here): recorded, so that `load_saved_model` can turn the bfloat16
             path off on a CPU without bfloat16 instructions.
@@ -83,23 +85,27 @@ class ServingModule(tf.Module):
             translator.source_tokenizer.sentencepiece,
             translator.target_tokenizer.sentencepiece,
         ]
-        model_variables = list(translator.model.variables)
+        # Every model variable is written as a plain `tf.Variable` of this module (the float
+        # ones in `weights_dtype`), and every read of the model's variables in the graph is
+        # mapped to it. Keras 3 variables saved as they are restore in TF2's loader only: in
+        # TF1's Session loader, the one TF Serving's C++ server uses, the variables the graph
+        # reads stay uninitialized and every call fails ("Could not find variable ...",
+        # keras-team/keras#20095), which broke every float32-storage export under TF Serving.
+        dtype = tf.as_dtype(weights_dtype)
+        self.stored_weights = []  # the float weights, in `weights_dtype`
+        self.model_variables = []  # the others (the seed generators' int states), as they are
         mapped = []
-        if weights_dtype == "float32":
-            self.model_variables = model_variables
-        else:
-            dtype = tf.as_dtype(weights_dtype)
-            self.model_variables = [v for v in model_variables if not _is_float(v)]
-            self.stored_weights = []
-            for v in model_variables:
-                if _is_float(v):
-                    stored = tf.Variable(
-                        tf.cast(v.value, dtype), trainable=False, name=v.path.replace("/", "__")
-                    )
-                    self.stored_weights.append(stored)
-                    mapped.append((v, stored))
-        # Not an attribute tf.Module would track (it tracks lists): the float32 variables must
-        # stay out of the SavedModel.
+        for v in translator.model.variables:
+            floating = _is_float(v)
+            stored = tf.Variable(
+                tf.cast(v.value, dtype) if floating else v.value,
+                trainable=False,
+                name=v.path.replace("/", "__"),
+            )
+            (self.stored_weights if floating else self.model_variables).append(stored)
+            mapped.append((v, stored))
+        # Not an attribute tf.Module would track (it tracks lists): the model's own variables
+        # must stay out of the SavedModel.
         self._mapped = _Untracked(mapped)
         # What decoding reads, kept in memory from the first call on (see `_working_weights`):
         # each stored weight cast back to its variable's dtype, the tied output kernel (the
@@ -153,10 +159,10 @@ class ServingModule(tf.Module):
         values = self._working_weights()
         table = values.pop() if self._input_table else None
         kernel = values.pop() if self._embedding.value is not None else None
-        # Every read of a model variable inside this scope returns the stored weight cast back
-        # to the variable's dtype, so the float32 variables are never captured (nor saved).
-        mapping = [(v, value) for (v, _), value in zip(self._mapped.value, values, strict=True)]
-        scope = keras.StatelessScope(state_mapping=mapping) if mapping else contextlib.nullcontext()
+        # Every read of a model variable inside this scope returns its stored weight (cast back
+        # to the variable's dtype where it is stored in another), so the model's own variables
+        # are never captured (nor saved).
+        scope = keras.StatelessScope(state_mapping=self._mapping(values))
         threshold = self.bfloat16_rows.read_value() if translator.adaptive else None
         with (
             scope,
@@ -168,10 +174,27 @@ class ServingModule(tf.Module):
                 text, beam_size, n_best, length_penalty, tf.constant(self.coverage_penalty)
             )
 
+    def _cast_weights(self):
+        """The `(variable, stored)` pairs stored in another dtype than their variable's (float16
+        or bfloat16 storage): decoding reads them cast back, kept (see `_working_weights`)."""
+        return [(v, s) for v, s in self._mapped.value if s.dtype != tf.as_dtype(v.dtype)]
+
+    def _mapping(self, cast_values):
+        """`(variable, value)` for every model variable: its weight cast back (`cast_values`, in
+        `_cast_weights`' order) where it is stored in another dtype, else its stored weight."""
+        cast = iter(cast_values)
+        mapping = [
+            (v, next(cast) if s.dtype != tf.as_dtype(v.dtype) else s.read_value())
+            for v, s in self._mapped.value
+        ]
+        if next(cast, None) is not None:
+            raise AssertionError("more cast weights than weights stored in another dtype")
+        return mapping
+
     def _working_specs(self):
-        """`(shape, dtype)` of each working weight: the mapped variables', the tied output
-        kernel's, then the input table's (`AttentionDecoder.input_projection_table`)."""
-        specs = [(tuple(v.shape), v.dtype) for v, _ in self._mapped.value]
+        """`(shape, dtype)` of each working weight: the cast weights' (`_cast_weights`), the
+        tied output kernel's, then the input table's (`AttentionDecoder.input_projection_table`)."""
+        specs = [(tuple(v.shape), v.dtype) for v, _ in self._cast_weights()]
         embedding = self._embedding.value
         if embedding is not None:
             specs.append((tuple(reversed(embedding.shape)), embedding.dtype))
@@ -205,19 +228,14 @@ class ServingModule(tf.Module):
             return []
 
         def compute():
-            values = [tf.cast(stored, v.dtype) for v, stored in self._mapped.value]
-            mapping = [(v, value) for (v, _), value in zip(self._mapped.value, values, strict=True)]
+            values = [tf.cast(stored, v.dtype) for v, stored in self._cast_weights()]
+            mapping = self._mapping(values)
             embedding = self._embedding.value
             if embedding is not None:
-                mapped = {id(v): value for v, value in mapping}
-                values.append(tf.transpose(mapped.get(id(embedding), embedding.value)))
+                by_variable = {id(v): value for v, value in mapping}
+                values.append(tf.transpose(by_variable[id(embedding)]))
             if self._input_table:
-                scope = (
-                    keras.StatelessScope(state_mapping=mapping)
-                    if mapping
-                    else contextlib.nullcontext()
-                )
-                with scope:
+                with keras.StatelessScope(state_mapping=mapping):
                     values.append(self._translator.model.decoder.input_projection_table())
             return values
 
