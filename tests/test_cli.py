@@ -103,6 +103,11 @@ def test_decoding_options_out_of_range_are_refused(tiny_export_dir):
                         ("coverage_penalty", 6.0)):  # fmt: skip
         with pytest.raises(ValueError, match=f"{name} must be between 0 and 5, got {value}"):
             translator.translate(["one red cat"], **{name: value})
+    for beam_size in (0, 65):  # the config's range, 1-64
+        with pytest.raises(
+            ValueError, match=f"beam_size must be between 1 and 64, got {beam_size}"
+        ):
+            translator.translate(["one red cat"], beam_size=beam_size)
     assert translator.translate(["one red cat"], length_penalty=5.0)[0].text
 
 

@@ -683,6 +683,10 @@ def test_translate_signature_takes_a_length_penalty_per_text(tiny_export_dir):
     for bad in (-0.1, 5.5, float("nan"), [0.6, float("nan"), 0.6, 0.6], [0.6, 0.6, 9.0, 0.6]):
         with pytest.raises(tf.errors.InvalidArgumentError, match="length_penalty must be between"):
             served(3, bad)
+    # A beam over the config's largest (64) would ask for (sentences x beam, vocabulary) logits
+    # per step: a client of TF Serving sending beam_size 100000 could exhaust the server.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="beam_size must be at most 64"):
+        served(65, 0.6)
 
 
 def test_beam_size_1_is_greedy_through_translator_and_savedmodel(tiny_export_dir):

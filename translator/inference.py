@@ -18,6 +18,9 @@ from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, add_specials
 _PENALTY_BOUNDS = {
     name: field_bounds(DecodingConfig, name) for name in ("length_penalty", "coverage_penalty")
 }
+# The largest beam the config takes: a larger one (a serving client's beam_size 100000) would
+# ask for (sentences x beam, vocabulary) logits per step, enough to exhaust the process.
+MAX_BEAM_SIZE = int(field_bounds(DecodingConfig, "beam_size")[1])
 
 
 @dataclass
@@ -281,6 +284,9 @@ class Translator:
         alphas = tf.size(length_penalty)
         checks = [
             tf.debugging.assert_greater_equal(beam_size, 1, message="beam_size must be at least 1"),
+            tf.debugging.assert_less_equal(
+                beam_size, MAX_BEAM_SIZE, message=f"beam_size must be at most {MAX_BEAM_SIZE}"
+            ),
             tf.debugging.assert_greater_equal(n_best, 1, message="n_best must be at least 1"),
             tf.debugging.assert_less_equal(
                 n_best, beam_size, message="n_best must not be larger than beam_size"
@@ -505,8 +511,8 @@ class Translator:
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         beam_size = self.beam_size if beam_size is None else int(beam_size)
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}, got {beam_size}")
         if not 1 <= n_best <= beam_size:
             raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
         alpha = self.length_penalty if length_penalty is None else float(length_penalty)
