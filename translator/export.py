@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -115,8 +116,12 @@ class ServingModule(tf.Module):
         self._embedding = _Untracked(
             decoder.embedding.embeddings if decoder.tie_embeddings else None
         )
-        table_bytes = decoder.vocab_size * decoder.cells[0].kernel.shape[1] * 4
-        self._input_table = table_bytes <= INPUT_TABLE_MAX_BYTES
+        table_shape = (decoder.vocab_size, decoder.cells[0].kernel.shape[1])
+        table_dtype = tf.as_dtype(decoder.compute_dtype)
+        fits = math.prod(table_shape) * table_dtype.size <= INPUT_TABLE_MAX_BYTES
+        # `(shape, dtype)` of the input table, or None: the model keeps none.
+        self._table_spec = (table_shape, table_dtype) if fits else None
+        self._input_table = fits
         self.working_weights = [
             tf.Variable(
                 tf.zeros([0], dtype),
@@ -199,9 +204,7 @@ class ServingModule(tf.Module):
         if embedding is not None:
             specs.append((tuple(reversed(embedding.shape)), embedding.dtype))
         if self._input_table:
-            decoder = self._translator.model.decoder
-            table_shape = (decoder.vocab_size, decoder.cells[0].kernel.shape[1])
-            specs.append((table_shape, tf.as_dtype(decoder.compute_dtype)))
+            specs.append(self._table_spec)
         return specs
 
     def _working_weights(self):
