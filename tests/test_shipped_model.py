@@ -2,7 +2,8 @@
 
 Exports and `.keras` files made before a refactoring must keep loading: this reads the committed
 model through `translator.load`, `keras.saving.load_model`, the SavedModel in a fresh process
-(TensorFlow and TF Text only), the CLI and the REST service, and checks they agree.
+(TensorFlow and TF Text only; TF2's loader and TF1's, TF Serving's path), the CLI and the REST
+service, and checks they agree.
 """
 
 import json
@@ -70,10 +71,25 @@ try:
     sys.exit("an over-long source was translated, not refused")
 except tf.errors.InvalidArgumentError as e:
     assert "over the limit of 255 subwords" in e.message, e.message
-print(json.dumps([t.decode() for t in out["translation"].numpy()]))
+# So is a beam over 64 (the export of 2026-12-07, session 14, on).
+try:
+    model.signatures["translate"](text=tf.constant(["a"]), beam_size=tf.constant(65),
+                                  n_best=tf.constant(1), length_penalty=tf.constant(1.0))
+    sys.exit("a beam of 65 was searched, not refused")
+except tf.errors.InvalidArgumentError as e:
+    assert "beam_size must be at most 64" in e.message, e.message
+# TF1's Session loader, the path of TF Serving's C++ server: it restores the variables through
+# the SavedModel's saver, and left a Keras model's own variables uninitialized.
+with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(latest))
+    signature = meta.signature_def["serving_default"]
+    tf1 = session.run(signature.outputs["translation"].name,
+                      {{signature.inputs["text"].name: {SENTENCES!r}}})
+print(json.dumps([[t.decode() for t in out["translation"].numpy()], [t.decode() for t in tf1]]))
 """
-    served = json.loads(_run([sys.executable, "-c", code]).strip().splitlines()[-1])
+    served, tf1 = json.loads(_run([sys.executable, "-c", code]).strip().splitlines()[-1])
     assert served == expected
+    assert tf1 == expected
 
 
 def test_cli(expected):
