@@ -104,6 +104,8 @@ def test_decoding_options_out_of_range_are_refused(tiny_export_dir):
         with pytest.raises(ValueError, match=f"{name} must be between 0 and 5, got {value}"):
             translator.translate(["one red cat"], **{name: value})
     for beam_size in (0, 65):  # the config's range, 1-64
+        with pytest.raises(ValueError, match=f"between 1 and 64, got {beam_size}"):
+            load(tiny_export_dir, beam_size=beam_size)  # the default, e.g. for an export
         with pytest.raises(
             ValueError, match=f"beam_size must be between 1 and 64, got {beam_size}"
         ):

@@ -378,7 +378,8 @@ def test_scorecard_scores_every_set_at_every_beam_as_evaluate_does(tmp_path, mon
         (["--sets", "multi30k,multi30k:test"], "listed twice"),
         (["--sets", "tatoeba:test"], "tatoeba"),  # no Tatoeba file in this data dir
         (["--beam-sizes", "1,x"], "give integers"),
-        (["--beam-sizes", "0"], "at least 1"),
+        (["--beam-sizes", "0"], "between 1 and 64"),
+        (["--beam-sizes", "1,65"], "between 1 and 64"),  # before beam 1 runs anything
         (["--sets", ""], "write corpus:split"),  # not the default sets
     ):
         table.calls.clear()

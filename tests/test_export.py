@@ -320,6 +320,15 @@ def test_working_weights_are_saved_empty_and_filled_by_the_first_call(
     # TF1's Session loader, as TF Serving's C++ one, restores the variables by the SavedModel's
     # saver, not by its object graph: a Keras variable saved as it is stays uninitialized there
     # (every float32-storage export failed this, keras-team/keras#20095).
+    for texts, scores in translate_in_tf1_session(version):
+        check((texts, scores))
+
+
+def translate_in_tf1_session(version):
+    """TEXTS through SavedModel `version`'s `translate` signature (beam 3, length penalty 0.6) in
+    a TF1 `Session`, in a fresh process, twice (the first call fills the working weights, the
+    second reads them): `[(texts, scores), (texts, scores)]`. TF1's loader is the path of TF
+    Serving's C++ server."""
     code = f"""
 import json
 import tensorflow as tf, tensorflow_text
@@ -332,8 +341,26 @@ with tf.Graph().as_default(), tf.compat.v1.Session() as session:
     runs = [session.run(fetches, feeds) for _ in range(2)]  # fills, then reads
 print(json.dumps([[[t.decode() for t in texts[:, 0]], scores[:, 0].tolist()] for texts, scores in runs]))
 """
-    for texts, scores in json.loads(run_python(code).strip().splitlines()[-1]):
-        check((texts, scores))
+    return json.loads(run_python(code).strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_an_untied_float32_export_runs_in_tf1s_loader(
+    tiny_run_dir, tmp_path, monkeypatch, compute_dtype
+):
+    """An untied model stored in float32 without an input table keeps no working weight: every
+    read goes straight to the stored variables, which TF1's loader (TF Serving's) must restore;
+    and so must a graph built in bfloat16."""
+    from translator.export import export
+    from translator.inference import load
+
+    monkeypatch.setattr("translator.export.INPUT_TABLE_MAX_BYTES", 0)
+    version = export(tiny_run_dir, tmp_path / "e", compute_dtype=compute_dtype)
+    results = load(tmp_path / "e").translate(TEXTS, beam_size=3, length_penalty=0.6, segment=False)
+    assert any(r.text for r in results)
+    for texts, scores in translate_in_tf1_session(version):
+        assert texts == [r.text for r in results]
+        np.testing.assert_allclose(scores, [r.score for r in results], rtol=1e-5, atol=1e-5)
 
 
 def translate_beam_3(version):

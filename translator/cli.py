@@ -125,7 +125,7 @@ def cmd_scorecard(args) -> int:
         scorecard,
     )
     from translator.files import atomic_write
-    from translator.inference import load
+    from translator.inference import MAX_BEAM_SIZE, load
 
     try:
         beam_sizes = [int(b) for b in args.beam_sizes.split(",")]
@@ -133,8 +133,11 @@ def cmd_scorecard(args) -> int:
         raise ValueError(
             f"--beam-sizes {args.beam_sizes!r}: give integers separated by commas, e.g. 1,5"
         ) from None
-    if not beam_sizes or min(beam_sizes) < 1:
-        raise ValueError(f"--beam-sizes {args.beam_sizes!r}: every beam size must be at least 1")
+    if not beam_sizes or min(beam_sizes) < 1 or max(beam_sizes) > MAX_BEAM_SIZE:
+        raise ValueError(
+            f"--beam-sizes {args.beam_sizes!r}: every beam size must be between 1 and "
+            f"{MAX_BEAM_SIZE}"
+        )
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     # Every test set first: a missing corpus fails before the model loads and anything runs.

@@ -94,7 +94,8 @@ class ServingModule(tf.Module):
         # keras-team/keras#20095), which broke every float32-storage export under TF Serving.
         dtype = tf.as_dtype(weights_dtype)
         self.stored_weights = []  # the float weights, in `weights_dtype`
-        self.model_variables = []  # the others (the seed generators' int states), as they are
+        # The others (the seed generators' int states): copies too, not the model's own.
+        self.model_variables = []
         mapped = []
         for v in translator.model.variables:
             floating = _is_float(v)
@@ -109,7 +110,8 @@ class ServingModule(tf.Module):
         # must stay out of the SavedModel.
         self._mapped = _Untracked(mapped)
         # What decoding reads, kept in memory from the first call on (see `_working_weights`):
-        # each stored weight cast back to its variable's dtype, the tied output kernel (the
+        # each weight stored in another dtype (float16, bfloat16) cast back to its variable's
+        # (float32-stored ones are read as they are), the tied output kernel (the
         # transposed embedding matrix) and the input table. Saved empty, so the SavedModel
         # stays its size.
         decoder = translator.model.decoder
@@ -208,9 +210,9 @@ class ServingModule(tf.Module):
         return specs
 
     def _working_weights(self):
-        """The float32 weights decoding reads (the stored weights cast back, the tied output
-        kernel, the input table), computed by the first call and read from memory by every
-        later one.
+        """The float32 weights decoding reads (the weights stored in float16 or bfloat16 cast
+        back, the tied output kernel, the input table), computed by the first call and read from
+        memory by every later one.
 
         Recomputed per call, the first two cost a one-sentence beam-5 call 31 of its 80 ms on
         the 2-core EPYC without AVX-512: about 11 ms to cast every float16 weight to float32,

@@ -145,6 +145,10 @@ class Translator:
             )
         if int(bfloat16_rows) < 1:
             raise ValueError(f"bfloat16_rows must be at least 1, got {bfloat16_rows}")
+        # Checked here too: an export writes the default into `serving_default` and its
+        # warm-up request, which would then fail every call, and TF Serving's load.
+        if not 1 <= int(beam_size) <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}, got {beam_size}")
         self.compute_dtype = compute_dtype
         self.bfloat16_rows = int(bfloat16_rows)
         self._bfloat16_rows_tensor = None  # see `bfloat16_threshold`
