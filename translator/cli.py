@@ -457,7 +457,7 @@ def _print_result(result, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from translator.config import WEIGHT_DTYPES
+    from translator.config import WARMUP_CHOICES, WEIGHT_DTYPES
 
     parser = argparse.ArgumentParser(prog="translator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--warmup",
-        choices=["all", "serving_default", "none"],
+        choices=list(WARMUP_CHOICES),
         default="all",
         help="the signatures TF Serving's warm-up file (assets.extra/tf_serving_warmup_requests) "
         "calls when it loads the version; serving_default for TF Serving with --enable_batching, "

@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # How `translator export` may store the weights (the computation stays float32).
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+# `export(warmup=...)`: the signatures the warm-up file calls. TF Serving's batching
+# (`--enable_batching`) refuses `translate`'s scalar inputs, in warm-up too, and a failed
+# warm-up fails the version's load: export for it with "serving_default".
+WARMUP_CHOICES = {
+    "all": ("serving_default", "translate"),
+    "serving_default": ("serving_default",),
+    "none": (),
+}
 
 
 class ConfigError(ValueError):

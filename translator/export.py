@@ -31,7 +31,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from translator.config import WEIGHT_DTYPES
+from translator.config import WARMUP_CHOICES, WEIGHT_DTYPES
 from translator.files import (
     atomic_path,
     fsync_tree,
@@ -105,7 +105,8 @@ class ServingModule(tf.Module):
                 name=v.path.replace("/", "__"),
             )
             (self.stored_weights if floating else self.model_variables).append(stored)
-            mapped.append((v, stored))
+            # Stored in another dtype than its variable's (float16, bfloat16): read cast back.
+            mapped.append((v, stored, stored.dtype != tf.as_dtype(v.dtype)))
         # Not an attribute tf.Module would track (it tracks lists): the model's own variables
         # must stay out of the SavedModel.
         self._mapped = _Untracked(mapped)
@@ -123,7 +124,6 @@ class ServingModule(tf.Module):
         fits = math.prod(table_shape) * table_dtype.size <= INPUT_TABLE_MAX_BYTES
         # `(shape, dtype)` of the input table, or None: the model keeps none.
         self._table_spec = (table_shape, table_dtype) if fits else None
-        self._input_table = fits
         self.working_weights = [
             tf.Variable(
                 tf.zeros([0], dtype),
@@ -164,7 +164,7 @@ class ServingModule(tf.Module):
     def _run(self, text, beam_size, n_best, length_penalty):
         translator = self._translator
         values = self._working_weights()
-        table = values.pop() if self._input_table else None
+        table = values.pop() if self._table_spec else None
         kernel = values.pop() if self._embedding.value is not None else None
         # Every read of a model variable inside this scope returns its stored weight (cast back
         # to the variable's dtype where it is stored in another), so the model's own variables
@@ -184,17 +184,16 @@ class ServingModule(tf.Module):
     def _cast_weights(self):
         """The `(variable, stored)` pairs stored in another dtype than their variable's (float16
         or bfloat16 storage): decoding reads them cast back, kept (see `_working_weights`)."""
-        return [(v, s) for v, s in self._mapped.value if s.dtype != tf.as_dtype(v.dtype)]
+        return [(v, s) for v, s, cast in self._mapped.value if cast]
 
     def _mapping(self, cast_values):
         """`(variable, value)` for every model variable: its weight cast back (`cast_values`, in
         `_cast_weights`' order) where it is stored in another dtype, else its stored weight."""
-        cast = iter(cast_values)
+        values = iter(cast_values)
         mapping = [
-            (v, next(cast) if s.dtype != tf.as_dtype(v.dtype) else s.read_value())
-            for v, s in self._mapped.value
+            (v, next(values) if cast else s.read_value()) for v, s, cast in self._mapped.value
         ]
-        if next(cast, None) is not None:
+        if next(values, None) is not None:
             raise AssertionError("more cast weights than weights stored in another dtype")
         return mapping
 
@@ -205,7 +204,7 @@ class ServingModule(tf.Module):
         embedding = self._embedding.value
         if embedding is not None:
             specs.append((tuple(reversed(embedding.shape)), embedding.dtype))
-        if self._input_table:
+        if self._table_spec:
             specs.append(self._table_spec)
         return specs
 
@@ -239,7 +238,7 @@ class ServingModule(tf.Module):
             if embedding is not None:
                 by_variable = {id(v): value for v, value in mapping}
                 values.append(tf.transpose(by_variable[id(embedding)]))
-            if self._input_table:
+            if self._table_spec:
                 with keras.StatelessScope(state_mapping=mapping):
                     values.append(self._translator.model.decoder.input_projection_table())
             return values
@@ -385,14 +384,6 @@ def _check_warmup(warmup: str) -> None:
 # TF Serving replays this file's requests when it loads a version, before serving it.
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 WARMUP_TEXTS = ("A man is riding a bicycle.", "Two dogs play in the snow.")
-# `export(warmup=...)`: the signatures the warm-up file calls. TF Serving's batching
-# (`--enable_batching`) refuses `translate`'s scalar inputs, in warm-up too, and a failed
-# warm-up fails the version's load: export for it with "serving_default".
-WARMUP_CHOICES = {
-    "all": ("serving_default", "translate"),
-    "serving_default": ("serving_default",),
-    "none": (),
-}
 
 
 def write_warmup_requests(
